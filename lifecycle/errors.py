@@ -1,0 +1,99 @@
+"""The project's errors: one hierarchy, one root.
+
+    MeterkeysError
+    ├── ConfigError                 settings missing or unsafe (placeholder PIN, no module)
+    ├── HsmError                    raised at the PKCS#11 boundary, never a pkcs11 exception
+    │   ├── TransientHsmError       worth a retry: session closed, device busy, worker died
+    │   └── PermanentHsmError       do not retry: wrong PIN, missing key, bad mechanism
+    │       ├── KeyNotFound         no object with that label
+    │       └── IntegrityError      an unwrap or signature check failed (tampering, wrong key)
+    ├── InventoryError              a database constraint or state rule was broken
+    ├── AccessDenied                the principal's role may not perform the operation
+    ├── AuditError                  the audit trail is broken (names the first bad event)
+    └── BatchError                  a factory batch as a whole is unacceptable
+        ├── ManifestError           missing, malformed or badly signed manifest
+        └── ChecksumError           the file is not the one the manifest describes
+
+Every error names what failed (meter, key label, file, row, field). None carries key material,
+PINs or wrapped key bytes: messages end up in Prefect's database and logs.
+"""
+
+from __future__ import annotations
+
+
+class MeterkeysError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class ConfigError(MeterkeysError):
+    """Settings are missing, malformed or unsafe."""
+
+
+class HsmError(MeterkeysError):
+    """An HSM operation failed; the PKCS#11 cause is named, never re-raised."""
+
+    def __init__(self, operation: str, cause: str, label: str | None = None) -> None:
+        self.operation = operation
+        self.cause = cause
+        self.label = label
+        where = f" on key {label!r}" if label else ""
+        super().__init__(f"HSM {operation}{where} failed: {cause}")
+
+
+class TransientHsmError(HsmError):
+    """A failure that a retry may cure (session closed, device busy, worker lost)."""
+
+
+class PermanentHsmError(HsmError):
+    """A failure that a retry will not cure."""
+
+
+class KeyNotFound(PermanentHsmError):
+    """No key with the label exists on the token."""
+
+
+class IntegrityError(PermanentHsmError):
+    """An unwrap integrity check or signature verification failed."""
+
+
+class InventoryError(MeterkeysError):
+    """A database rule was broken (duplicate, unknown record, illegal state change)."""
+
+
+class AccessDenied(MeterkeysError):
+    """The principal's role does not allow the operation."""
+
+    def __init__(self, principal: str, role: str | None, action: str) -> None:
+        self.principal = principal
+        self.role = role
+        self.action = action
+        super().__init__(
+            f"principal {principal!r} (role {role or 'none'}) may not perform {action!r}"
+        )
+
+
+class AuditError(MeterkeysError):
+    """The audit trail fails verification at a named event."""
+
+    def __init__(self, seq: int | None, reason: str) -> None:
+        self.seq = seq
+        self.reason = reason
+        at = f"event {seq}" if seq is not None else "audit trail"
+        super().__init__(f"{at}: {reason}")
+
+
+class BatchError(MeterkeysError):
+    """A factory batch file is rejected as a whole; nothing of it is imported."""
+
+    def __init__(self, file: str, reason: str) -> None:
+        self.file = file
+        self.reason = reason
+        super().__init__(f"{file}: {reason}")
+
+
+class ManifestError(BatchError):
+    """The batch manifest is missing, malformed, or its signature does not verify."""
+
+
+class ChecksumError(BatchError):
+    """The batch file's SHA-256 or record count differs from the manifest."""
