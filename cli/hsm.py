@@ -1,0 +1,5 @@
+"""meterkeys hsm commands."""
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)

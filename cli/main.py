@@ -1,0 +1,19 @@
+"""The ``meterkeys`` command."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import audit, hsm, importing, meters, principal, vendor
+
+app = typer.Typer(help="meterkeys: key lifecycle management for smart-meter fleets",
+                  no_args_is_help=True)
+app.add_typer(hsm.app, name="hsm")
+app.add_typer(vendor.app, name="vendor")
+app.add_typer(meters.app, name="meters")
+app.add_typer(audit.app, name="audit")
+app.add_typer(principal.app, name="principal")
+importing.register(app)
+
+if __name__ == "__main__":
+    app()
