@@ -1,7 +1,87 @@
-"""meterkeys import, demo and serve commands."""
+"""meterkeys import: run the factory-import flow from the command line, with a progress bar."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+from cli import prefect_env
+from cli.common import console, engine, err_console, fail, principal_name, settings
+from lifecycle import batch, inventory
+from lifecycle.errors import MeterkeysError
 
 
 def register(app: typer.Typer) -> None:
     """Add the top-level commands."""
+    app.command("import")(import_file)
+    from cli import demo, serve
+
+    app.command("demo")(demo.demo)
+    app.command("serve")(serve.serve)
+
+
+def import_file(file: Path = typer.Argument(..., help="the vendor's batch data file"),
+                vendor: str = typer.Option(..., help="the vendor that produced it"),
+                mapping: Path | None = typer.Option(None, help="override the vendor's mapping"),
+                workers: int | None = typer.Option(None, help="HSM worker processes")) -> None:
+    """Import a factory batch through the factory-import flow."""
+    try:
+        summary = run_import(file, vendor, mapping, workers)
+    except MeterkeysError as exc:
+        raise fail(exc) from None
+    console.print(f"{summary['imported']} meters imported, {summary['quarantined']} rows "
+                  f"quarantined, of {summary['records']} ({file.name})")
+
+
+def run_import(file: Path, vendor: str, mapping: Path | None,
+               workers: int | None) -> dict[str, object]:
+    """Run the flow in this process while a progress bar follows the batch in the inventory.
+
+    Raises:
+        MeterkeysError: the flow failed with a project error.
+    """
+    prefect_env.configure(settings())
+    from flows.factory_import import factory_import
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(file, vendor, stop), daemon=True)
+    watcher.start()
+    try:
+        state = factory_import(file=str(file.resolve()), vendor=vendor,
+                               principal=principal_name(),
+                               mapping=str(mapping) if mapping else None, workers=workers,
+                               return_state=True)
+    finally:
+        stop.set()
+        watcher.join()
+    if state.is_completed():
+        return state.result()  # type: ignore[no-any-return]
+    try:
+        state.result()
+    except MeterkeysError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - show the flow's own message, no traceback
+        err_console.print(f"[bold red]flow failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    raise typer.Exit(1)
+
+
+def _watch(file: Path, vendor: str, stop: threading.Event) -> None:
+    sha = batch.file_sha256(file) if file.is_file() else ""
+    columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task(f"importing {file.name}", total=None)
+        while not stop.wait(0.5):
+            with inventory.transaction(engine()) as session:
+                try:
+                    vendor_id = inventory.get_vendor(session, vendor).id
+                except MeterkeysError:
+                    return
+                record = inventory.find_batch(session, int(vendor_id or 0), sha)
+                if record is not None:
+                    progress.update(task, total=record.record_count,
+                                    completed=record.imported + record.quarantined)

@@ -485,6 +485,11 @@ class Hsm:
             if not conf.exists():
                 raise ConfigError(f"SoftHSM2 configuration {conf} is missing: run meterkeys hsm init")
             os.environ["SOFTHSM2_CONF"] = str(conf)
+            # Shared for the life of the process, so that backup/restore (exclusive) never copy
+            # or replace a token that this process may be writing.
+            from lifecycle.backup import SHARED_LOCK_TIMEOUT, hold_token_lock
+
+            hold_token_lock(settings, exclusive=False, timeout=SHARED_LOCK_TIMEOUT)
         pin = settings.user_pin()
         with _translated("load module"):
             lib = pkcs11.lib(module)

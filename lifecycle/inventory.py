@@ -245,10 +245,15 @@ def get_vendor(session: Session, name: str) -> Vendor:
     Raises:
         InventoryError: no such vendor.
     """
-    vendor = session.exec(select(Vendor).where(Vendor.name == name)).scalars().first()  # type: ignore[call-overload]
+    vendor = session.execute(select(Vendor).where(Vendor.name == name)).scalars().first()
     if vendor is None:
         raise InventoryError(f"unknown vendor {name!r}: onboard it with meterkeys vendor add")
     return vendor
+
+
+def list_vendors(session: Session) -> list[Vendor]:
+    """Return every vendor by name."""
+    return list(session.execute(select(Vendor).order_by(Vendor.name)).scalars())  # type: ignore[arg-type]
 
 
 def add_vendor(session: Session, name: str, signing_key_pem: str, mapping: str | None) -> Vendor:
@@ -286,18 +291,24 @@ def get_batch(session: Session, batch_id: int) -> ImportBatch:
     return batch
 
 
-def existing_meters(session: Session, serials: Sequence[str],
-                    titles: Sequence[str]) -> tuple[dict[str, int], set[str]]:
-    """Return {serial: batch_id} of known serials and the set of known system titles."""
-    known: dict[str, int] = {}
-    taken: set[str] = set()
+def existing_meters(session: Session, serials: Sequence[str], titles: Sequence[str]
+                    ) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    """Return the known serials and system titles among the given ones.
+
+    Each maps to (batch id, source row) of the meter that holds it.
+    """
+    by_serial: dict[str, tuple[int, int]] = {}
+    by_title: dict[str, tuple[int, int]] = {}
+    cols = (Meter.serial, Meter.system_title, Meter.batch_id, Meter.source_row)
     for part in _slices(list(serials)):
-        rows = session.execute(select(Meter.serial, Meter.batch_id).where(Meter.serial.in_(part)))  # type: ignore[attr-defined]
-        known.update({serial: batch for serial, batch in rows})
+        for serial, _title, batch, row in session.execute(
+                select(*cols).where(Meter.serial.in_(part))):  # type: ignore[attr-defined]
+            by_serial[serial] = (batch, row)
     for part in _slices(list(titles)):
-        rows = session.execute(select(Meter.system_title).where(Meter.system_title.in_(part)))  # type: ignore[attr-defined]
-        taken.update(title for (title,) in rows)
-    return known, taken
+        for _serial, title, batch, row in session.execute(
+                select(*cols).where(Meter.system_title.in_(part))):  # type: ignore[attr-defined]
+            by_title[title] = (batch, row)
+    return by_serial, by_title
 
 
 def _slices(items: list[str], size: int = 900) -> Iterator[list[str]]:
@@ -323,10 +334,11 @@ def insert_meters(session: Session, meters: list[dict[str, Any]],
     return ids
 
 
-def quarantine(session: Session, batch_id: int, rows: list[dict[str, Any]]) -> int:
+def quarantine(session: Session, batch_id: int,
+               rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Record rejected rows of a batch once each (a re-run does not duplicate); return new ones."""
     if not rows:
-        return 0
+        return []
     seen = {(r, f) for r, f in session.execute(
         select(QuarantinedRow.row, QuarantinedRow.field).where(
             QuarantinedRow.batch_id == batch_id,
@@ -334,7 +346,15 @@ def quarantine(session: Session, batch_id: int, rows: list[dict[str, Any]]) -> i
     fresh = [dict(r, batch_id=batch_id) for r in rows if (r["row"], r["field"]) not in seen]
     if fresh:
         session.connection().execute(insert(QuarantinedRow), fresh)
-    return len(fresh)
+    return fresh
+
+
+def bump_batch(session: Session, batch_id: int, imported: int, quarantined: int) -> None:
+    """Add a chunk's counts to its batch (read by progress displays)."""
+    session.connection().execute(
+        ImportBatch.__table__.update().where(ImportBatch.__table__.c.id == batch_id).values(  # type: ignore[attr-defined]
+            imported=ImportBatch.__table__.c.imported + imported,  # type: ignore[attr-defined]
+            quarantined=ImportBatch.__table__.c.quarantined + quarantined))  # type: ignore[attr-defined]
 
 
 def batch_counts(session: Session, batch_id: int) -> tuple[int, int]:

@@ -1,0 +1,94 @@
+"""Prefect tasks of the factory import: thin, batch- and chunk-level wrappers over ``intake``.
+
+No task returns or persists key material: every task has ``persist_result=False`` and no cache
+policy, and what they return (plans, counts, actors) holds none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from lifecycle import intake, role
+from lifecycle.audit import Actor
+from lifecycle.hsm_pool import HsmWorkers
+from lifecycle.importer import Chunk, read_chunks
+from tasks import context
+
+RETRIES = {"retries": 3, "retry_delay_seconds": [1, 2, 4],
+           "retry_condition_fn": context.retry_on_transient}
+
+
+@task(name="authorize", persist_result=False, cache_policy=NO_CACHE)
+def authorize(principal: str, action: str) -> Actor:
+    """Check that the principal may perform the action (refusals are audited)."""
+    return role.authorize(context.engine(), principal, action,
+                          flow_run_id=context.flow_run_id(), at=context.now())
+
+
+@task(name="verify-batch", persist_result=False, cache_policy=NO_CACHE, **RETRIES)
+def verify_batch(file: str, vendor: str, actor: Actor,
+                 mapping: str | None) -> intake.BatchPlan:
+    """Verify the manifest, checksum, record count and transport key; register the batch."""
+    eng, settings = context.engine(), context.settings()
+    plan = intake.verify_batch(eng, settings, actor, Path(file), vendor,
+                               intake.load_mapping(eng, vendor, mapping), context.now())
+    get_run_logger().info("batch %s of %s: %d records, %s", plan.batch_id, vendor,
+                          plan.record_count, plan.status)
+    return plan
+
+
+def chunks(plan: intake.BatchPlan, file: str, mapping: str | None) -> Iterator[Chunk]:
+    """Read the batch file in chunks of canonical, field-checked records."""
+    settings = context.settings()
+    parsed = intake.load_mapping(context.engine(), plan.vendor, mapping)
+    return read_chunks(Path(file), parsed, settings.chunk_size)
+
+
+def open_workers(workers: int | None) -> HsmWorkers:
+    """Start the HSM worker processes of a run (``None``: as many as settings say)."""
+    settings = context.settings()
+    return HsmWorkers(settings, settings.workers if workers is None else workers)
+
+
+@task(name="import-chunk", persist_result=False, cache_policy=NO_CACHE, **RETRIES)
+def import_chunk(plan: intake.BatchPlan, chunk: Chunk, workers: HsmWorkers,
+                 order: intake.ChunkOrder, actor: Actor, file: str) -> intake.ChunkResult:
+    """Re-wrap a chunk's keys in the HSM, then store it in file order in one transaction."""
+    eng, settings = context.engine(), context.settings()
+    try:
+        manifest = intake.load_manifest(eng, settings, Path(file), plan.vendor)
+        blobs = intake.rewrap_chunk(workers, settings, plan, manifest, chunk)
+        order.wait_turn(chunk.index)
+        return intake.store_chunk(eng, settings, actor, plan, chunk, blobs, context.now())
+    finally:
+        order.release(chunk.index)
+
+
+@task(name="finish-batch", persist_result=False, cache_policy=NO_CACHE)
+def finish_batch(plan: intake.BatchPlan, actor: Actor) -> intake.BatchSummary:
+    """Mark the batch completed with counts taken from the inventory."""
+    return intake.finish_batch(context.engine(), actor, plan, context.now())
+
+
+@task(name="publish-report", persist_result=False, cache_policy=NO_CACHE)
+def publish_report(summary: intake.BatchSummary) -> None:
+    """Publish the import summary and the quarantine list as artifacts (no key material)."""
+    table = [{"file": summary.file, "vendor": summary.vendor, "records": summary.record_count,
+              "imported": summary.imported, "rejected": summary.quarantined,
+              **{f"suite {s}": n for s, n in sorted(summary.by_suite.items())}}]
+    create_table_artifact(table=table, key=f"import-batch-{summary.batch_id}",
+                          description=f"Factory import of {summary.file}")
+    rows = intake.quarantine_report(context.engine(), summary.batch_id)
+    if rows:
+        create_table_artifact(table=rows[:5000], key=f"quarantine-batch-{summary.batch_id}",
+                              description=f"Quarantined rows of {summary.file} "
+                                          f"({len(rows)} in all)")
+    create_markdown_artifact(
+        markdown=(f"# Factory import: {summary.file}\n\n{summary.imported} meters imported, "
+                  f"{summary.quarantined} rows quarantined, of {summary.record_count}."),
+        key=f"import-summary-{summary.batch_id}")

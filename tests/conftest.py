@@ -1,0 +1,98 @@
+"""Shared fixtures: one real SoftHSM2 token per test session, inventories on SQLite and
+PostgreSQL (when reachable), one Prefect test server for the flow tests."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Before anything imports prefect: keep its home, logs and results inside the test session.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="meterkeys-test-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["METERKEYS_HOME"] = str(_SESSION_DIR / "home")
+os.environ.pop("METERKEYS_PIN", None)
+os.environ.pop("METERKEYS_DATABASE_URL", None)
+
+PG_URL = os.environ.get("METERKEYS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def settings():  # type: ignore[no-untyped-def]
+    """Settings of the test session's embedded home, with an initialised token and keys."""
+    from lifecycle import hsm_token
+    from lifecycle.config import load_settings
+
+    s = load_settings()
+    hsm_token.generate_pin_files(s)
+    hsm_token.init_token(s)
+    hsm_token.ensure_long_lived_keys(s)
+    return s
+
+
+@pytest.fixture(scope="session")
+def hsm(settings):  # type: ignore[no-untyped-def]
+    from lifecycle.hsm import Hsm
+
+    return Hsm.open(settings)
+
+
+def _pg_reachable() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_URL, connect_timeout=3):
+            return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+        return f"PostgreSQL not reachable at {PG_URL}: {type(exc).__name__}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty inventory database: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'inventory.db'}"
+        return
+    reason = _pg_reachable()
+    if reason:
+        pytest.skip(reason)
+    import psycopg
+
+    schema = f"mk_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def engine(db_url: str):  # type: ignore[no-untyped-def]
+    from lifecycle.inventory import make_engine, migrate
+
+    eng = make_engine(db_url)
+    migrate(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """One Prefect test server for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
