@@ -18,7 +18,7 @@ from tasks import factory_import as t
 IN_FLIGHT_PER_WORKER = 2
 
 
-@flow(name="factory-import", task_runner=ThreadPoolTaskRunner(max_workers=6),
+@flow(name="factory-import", task_runner=ThreadPoolTaskRunner(max_workers=6),  # type: ignore[arg-type]
       persist_result=False)
 def factory_import(file: str, vendor: str, principal: str, mapping: str | None = None,
                    workers: int | None = None) -> dict[str, Any]:
@@ -44,15 +44,15 @@ def factory_import(file: str, vendor: str, principal: str, mapping: str | None =
 
 def _import_chunks(plan: Any, file: str, mapping: str | None, workers: int | None,
                    actor: Any) -> None:
-    progress = create_progress_artifact(progress=0.0, key=f"import-progress-{plan.batch_id}")
+    progress: Any = create_progress_artifact(progress=0.0, key=f"import-progress-{plan.batch_id}")
     pending: deque[PrefectFuture[ChunkResult]] = deque()
     done = 0
     with t.open_workers(workers) as pool:
         order = ChunkOrder()
         ahead = IN_FLIGHT_PER_WORKER * max(1, pool.workers)
         for chunk in t.chunks(plan, file, mapping):
-            pending.append(t.import_chunk.submit(plan, quote(chunk), quote(pool), quote(order),
-                                                 actor, file))
+            pending.append(t.import_chunk.submit(  # type: ignore[call-overload]
+                plan, quote(chunk), quote(pool), quote(order), actor, file))
             while len(pending) > ahead:
                 done += _settle(pending.popleft())
                 update_progress_artifact(progress, 100.0 * done / max(1, plan.record_count))

@@ -114,6 +114,12 @@ class TokenLock:
 _PROCESS_LOCKS: dict[Path, TokenLock] = {}
 
 
+def release_shared_locks() -> None:
+    """Release this process's shared token locks (after its HSM connection is closed)."""
+    for lock in list(_PROCESS_LOCKS.values()):
+        lock.release()
+
+
 def hold_token_lock(settings: Settings, exclusive: bool, timeout: float) -> TokenLock:
     """Take the token directory's lock, shared or exclusive, waiting up to ``timeout`` seconds.
 

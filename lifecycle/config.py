@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path("var"), description="state directory of the embedded default")
     pkcs11_module: Path | None = Field(default=None, description="PKCS#11 module (.so) path")
     softhsm2_conf: Path | None = Field(default=None, description="SOFTHSM2_CONF for SoftHSM2")
-    token_label: str = "meterkeys"
+    token_label: str = "meterkeys"  # noqa: S105 - a label, not a secret
     pin: SecretStr | None = None
     pin_file: Path | None = None
     so_pin: SecretStr | None = None

@@ -28,7 +28,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as px
-from pkcs11.util.ec import encode_ec_public_key, encode_ecdsa_signature, encode_named_curve_parameters
+from pkcs11.util.ec import (
+    encode_ec_public_key,
+    encode_ecdsa_signature,
+    encode_named_curve_parameters,
+)
 
 from lifecycle.config import Settings
 from lifecycle.errors import (
@@ -425,8 +429,12 @@ class HsmSession:
             IntegrityError: the tag does not verify.
         """
         with _translated("GCM decrypt"):
-            return bytes(key._key.decrypt(data, mechanism=Mechanism.AES_GCM,
-                                          mechanism_param=pkcs11.GCMParams(iv, aad, tag_bits)))
+            try:
+                return bytes(key._key.decrypt(data, mechanism=Mechanism.AES_GCM,
+                                              mechanism_param=pkcs11.GCMParams(iv, aad, tag_bits)))
+            except px.GeneralError as exc:
+                # SoftHSM2 answers a tag that does not verify with CKR_GENERAL_ERROR.
+                raise px.EncryptedDataInvalid() from exc
 
     def _wrapping(self, wrapping: SessionKey | str) -> tuple[Any, str | None]:
         if isinstance(wrapping, SessionKey):
@@ -483,7 +491,8 @@ class Hsm:
         if settings.is_softhsm:
             conf = settings.softhsm_conf_path
             if not conf.exists():
-                raise ConfigError(f"SoftHSM2 configuration {conf} is missing: run meterkeys hsm init")
+                raise ConfigError(f"SoftHSM2 configuration {conf} is missing: "
+                                  "run meterkeys hsm init")
             os.environ["SOFTHSM2_CONF"] = str(conf)
             # Shared for the life of the process, so that backup/restore (exclusive) never copy
             # or replace a token that this process may be writing.
@@ -536,6 +545,9 @@ def close_all() -> None:
             with contextlib.suppress(Exception):
                 pkcs11.unload(module)
         _INSTANCES.clear()
+    from lifecycle.backup import release_shared_locks
+
+    release_shared_locks()
 
 
 __all__ = ["OAEP_HASHES", "Hsm", "HsmSession", "ObjectClass", "SessionKey", "close_all"]

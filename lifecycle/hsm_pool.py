@@ -14,6 +14,7 @@ takes seconds and competes with the Prefect server for the same two cores.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import signal
@@ -154,10 +155,9 @@ class HsmWorkers:
         if self._pool is None:
             forget_transport_keys(self.settings)
             return
-        try:
+        # Best effort: a worker's session objects vanish with its session anyway.
+        with contextlib.suppress(BrokenProcessPool):
             list(self._pool.map(_worker_forget, range(self.workers)))
-        except BrokenProcessPool:
-            pass
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = None
 

@@ -93,7 +93,7 @@ def read_chunks(path: Path, mapping: Mapping, chunk_size: int) -> Iterator[Chunk
     start = 1
     for index, frame in enumerate(_frames(path, mapping, chunk_size)):
         frame = _canonical(path, frame, mapping)
-        frame.index = range(start, start + len(frame))
+        frame.index = pd.RangeIndex(start, start + len(frame))
         start += len(frame)
         chunk = _check(frame)
         chunk.index = index

@@ -183,7 +183,7 @@ class KekCheck(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
-# --- engine and sessions ---------------------------------------------------------------------------
+# --- engine and sessions -----------------------------------------------------------
 def make_engine(url: str) -> Engine:
     """Create an engine; SQLite gets WAL, a busy timeout and foreign keys."""
     if url.startswith("sqlite"):
@@ -238,7 +238,7 @@ def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
 
 
-# --- vendors ----------------------------------------------------------------------------------------
+# --- vendors -----------------------------------------------------------
 def get_vendor(session: Session, name: str) -> Vendor:
     """Return the vendor by name.
 
@@ -253,7 +253,7 @@ def get_vendor(session: Session, name: str) -> Vendor:
 
 def list_vendors(session: Session) -> list[Vendor]:
     """Return every vendor by name."""
-    return list(session.execute(select(Vendor).order_by(Vendor.name)).scalars())  # type: ignore[arg-type]
+    return list(session.execute(select(Vendor).order_by(Vendor.name)).scalars())
 
 
 def add_vendor(session: Session, name: str, signing_key_pem: str, mapping: str | None) -> Vendor:
@@ -271,7 +271,7 @@ def add_vendor(session: Session, name: str, signing_key_pem: str, mapping: str |
     return vendor
 
 
-# --- batches ----------------------------------------------------------------------------------------
+# --- batches -----------------------------------------------------------
 def find_batch(session: Session, vendor_id: int, sha256: str) -> ImportBatch | None:
     """Return the batch of this vendor with this file checksum, if it was seen before."""
     stmt = select(ImportBatch).where(ImportBatch.vendor_id == vendor_id,
@@ -302,11 +302,11 @@ def existing_meters(session: Session, serials: Sequence[str], titles: Sequence[s
     cols = (Meter.serial, Meter.system_title, Meter.batch_id, Meter.source_row)
     for part in _slices(list(serials)):
         for serial, _title, batch, row in session.execute(
-                select(*cols).where(Meter.serial.in_(part))):  # type: ignore[attr-defined]
+                select(*cols).where(Meter.serial.in_(part))):
             by_serial[serial] = (batch, row)
     for part in _slices(list(titles)):
         for _serial, title, batch, row in session.execute(
-                select(*cols).where(Meter.system_title.in_(part))):  # type: ignore[attr-defined]
+                select(*cols).where(Meter.system_title.in_(part))):
             by_title[title] = (batch, row)
     return by_serial, by_title
 
@@ -325,7 +325,7 @@ def insert_meters(session: Session, meters: list[dict[str, Any]],
     if not meters:
         return []
     conn = session.connection()
-    result = conn.execute(insert(Meter).returning(Meter.id, sort_by_parameter_order=True),  # type: ignore[arg-type]
+    result = conn.execute(insert(Meter).returning(Meter.id, sort_by_parameter_order=True),
                           meters)
     ids = [row[0] for row in result]
     rows = [dict(key, meter_id=meter_id) for meter_id, group in zip(ids, keys, strict=True)
@@ -342,7 +342,7 @@ def quarantine(session: Session, batch_id: int,
     seen = {(r, f) for r, f in session.execute(
         select(QuarantinedRow.row, QuarantinedRow.field).where(
             QuarantinedRow.batch_id == batch_id,
-            QuarantinedRow.row.in_([r["row"] for r in rows])))}  # type: ignore[attr-defined]
+            QuarantinedRow.row.in_([r["row"] for r in rows])))}
     fresh = [dict(r, batch_id=batch_id) for r in rows if (r["row"], r["field"]) not in seen]
     if fresh:
         session.connection().execute(insert(QuarantinedRow), fresh)
@@ -352,9 +352,9 @@ def quarantine(session: Session, batch_id: int,
 def bump_batch(session: Session, batch_id: int, imported: int, quarantined: int) -> None:
     """Add a chunk's counts to its batch (read by progress displays)."""
     session.connection().execute(
-        ImportBatch.__table__.update().where(ImportBatch.__table__.c.id == batch_id).values(  # type: ignore[attr-defined]
-            imported=ImportBatch.__table__.c.imported + imported,  # type: ignore[attr-defined]
-            quarantined=ImportBatch.__table__.c.quarantined + quarantined))  # type: ignore[attr-defined]
+        ImportBatch.__table__.update().where(ImportBatch.__table__.c.id == batch_id).values(
+            imported=ImportBatch.__table__.c.imported + imported,
+            quarantined=ImportBatch.__table__.c.quarantined + quarantined))
 
 
 def batch_counts(session: Session, batch_id: int) -> tuple[int, int]:
@@ -369,7 +369,7 @@ def batch_counts(session: Session, batch_id: int) -> tuple[int, int]:
 def quarantine_list(session: Session, batch_id: int) -> list[QuarantinedRow]:
     """Return the quarantined rows of a batch in file order."""
     stmt = select(QuarantinedRow).where(QuarantinedRow.batch_id == batch_id).order_by(
-        QuarantinedRow.row, QuarantinedRow.field)  # type: ignore[arg-type]
+        QuarantinedRow.row, QuarantinedRow.field)
     return list(session.execute(stmt).scalars())
 
 
@@ -380,11 +380,11 @@ def suite_counts(session: Session, batch_id: int) -> dict[int, int]:
     return {int(suite): int(n) for suite, n in session.execute(stmt)}
 
 
-# --- meters -----------------------------------------------------------------------------------------
+# --- meters -----------------------------------------------------------
 def list_meters(session: Session, *, limit: int = 50, offset: int = 0,
                 state: str | None = None) -> list[Meter]:
     """Return meters ordered by serial."""
-    stmt = select(Meter).order_by(Meter.serial).offset(offset).limit(limit)  # type: ignore[arg-type]
+    stmt = select(Meter).order_by(Meter.serial).offset(offset).limit(limit)
     if state:
         stmt = stmt.where(Meter.state == state)
     return list(session.execute(stmt).scalars())
@@ -405,7 +405,7 @@ def get_meter(session: Session, serial: str) -> Meter:
 def key_versions(session: Session, meter_id: int) -> list[KeyVersion]:
     """Return a meter's key versions, by key id then version."""
     stmt = select(KeyVersion).where(KeyVersion.meter_id == meter_id).order_by(
-        KeyVersion.key_id, KeyVersion.version)  # type: ignore[arg-type]
+        KeyVersion.key_id, KeyVersion.version)
     return list(session.execute(stmt).scalars())
 
 

@@ -19,8 +19,7 @@ from lifecycle.hsm_pool import HsmWorkers
 from lifecycle.importer import Chunk, read_chunks
 from tasks import context
 
-RETRIES = {"retries": 3, "retry_delay_seconds": [1, 2, 4],
-           "retry_condition_fn": context.retry_on_transient}
+RETRY_DELAYS = [1.0, 2.0, 4.0]
 
 
 @task(name="authorize", persist_result=False, cache_policy=NO_CACHE)
@@ -30,7 +29,8 @@ def authorize(principal: str, action: str) -> Actor:
                           flow_run_id=context.flow_run_id(), at=context.now())
 
 
-@task(name="verify-batch", persist_result=False, cache_policy=NO_CACHE, **RETRIES)
+@task(name="verify-batch", persist_result=False, cache_policy=NO_CACHE, retries=3,
+      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=context.retry_on_transient)
 def verify_batch(file: str, vendor: str, actor: Actor,
                  mapping: str | None) -> intake.BatchPlan:
     """Verify the manifest, checksum, record count and transport key; register the batch."""
@@ -55,7 +55,8 @@ def open_workers(workers: int | None) -> HsmWorkers:
     return HsmWorkers(settings, settings.workers if workers is None else workers)
 
 
-@task(name="import-chunk", persist_result=False, cache_policy=NO_CACHE, **RETRIES)
+@task(name="import-chunk", persist_result=False, cache_policy=NO_CACHE, retries=3,
+      retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=context.retry_on_transient)
 def import_chunk(plan: intake.BatchPlan, chunk: Chunk, workers: HsmWorkers,
                  order: intake.ChunkOrder, actor: Actor, file: str) -> intake.ChunkResult:
     """Re-wrap a chunk's keys in the HSM, then store it in file order in one transaction."""

@@ -96,3 +96,66 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture(scope="session")
+def manufacturers(session_dir: Path):  # type: ignore[no-untyped-def]
+    """Simulated manufacturers (signing keys, factory CAs) shared by the session, by vendor."""
+    from simulator.manufacturer import Manufacturer
+
+    curves = {"acme": "P-256", "borealis": "P-384", "cygnus": "P-256", "delta": "P-256"}
+    return {v: Manufacturer.create(session_dir / "manufacturers" / v, v, c)
+            for v, c in curves.items()}
+
+
+MAPPINGS = Path(__file__).resolve().parent.parent / "simulator" / "mappings"
+
+
+@pytest.fixture
+def fleet(settings, engine, db_url, manufacturers, monkeypatch):  # type: ignore[no-untyped-def]
+    """An inventory ready to import: principals enrolled, four vendors onboarded with their
+    HSM import keys, and the task context pointed at this test's database."""
+    from lifecycle import inventory, role
+    from lifecycle.vendor import ensure_import_key
+    from tasks import context
+
+    monkeypatch.setenv("METERKEYS_DATABASE_URL", db_url)
+    context.reset()
+    with inventory.transaction(engine) as session:
+        role.add_principal(session, "test-operator", "operator")
+        role.add_principal(session, "test-auditor", "auditor")
+    keys = {}
+    for vendor, maker in manufacturers.items():
+        with inventory.transaction(engine) as session:
+            inventory.add_vendor(session, vendor, maker.signing_public_pem(),
+                                 (MAPPINGS / f"{vendor}.toml").read_text(encoding="utf-8"))
+        pem, oaep = ensure_import_key(engine, settings, vendor, f"meterkeys-import-{vendor}")
+        keys[vendor] = (pem.decode(), oaep)
+    yield Fleet(settings, engine, db_url, manufacturers, keys)
+    context.reset()
+
+
+class Fleet:
+    """What a factory-import test needs: settings, engine, makers and import keys."""
+
+    def __init__(self, settings, engine, db_url, manufacturers, keys):  # type: ignore[no-untyped-def]
+        self.settings = settings
+        self.engine = engine
+        self.db_url = db_url
+        self.makers = manufacturers
+        self.keys = keys
+
+    def batch(self, vendor: str, out: Path, count: int, **kwargs):  # type: ignore[no-untyped-def]
+        """Generate a batch of ``count`` meters for ``vendor`` into ``out``."""
+        pem, oaep = self.keys[vendor]
+        return self.makers[vendor].make_batch(
+            out=out, mapping_path=MAPPINGS / f"{vendor}.toml", import_public_pem=pem,
+            oaep_hash=oaep, count=count, **kwargs)
+
+    def run(self, files, vendor: str, principal: str = "test-operator", workers: int = 0):  # type: ignore[no-untyped-def]
+        """Run the factory-import flow; return its final state."""
+        from flows.factory_import import factory_import
+
+        return factory_import(file=str(files.data if hasattr(files, "data") else files),
+                              vendor=vendor, principal=principal, workers=workers,
+                              return_state=True)

@@ -207,9 +207,6 @@ def test_gcm_green_book_known_answer(session: HsmSession) -> None:
         assert session.gcm_decrypt(ek, iv, aad, expected, 96) == plaintext
 
 
-@pytest.mark.xfail(strict=True, reason="SoftHSM2 2.6.1 answers a bad GCM tag with "
-                   "CKR_GENERAL_ERROR; HsmSession.gcm_decrypt translates it to PermanentHsmError, "
-                   "not the IntegrityError its docstring promises", raises=AssertionError)
 @pytest.mark.parametrize("where", [pytest.param(0, id="ciphertext"), pytest.param(-1, id="tag")])
 def test_gcm_tampered_apdu_fails_integrity_check(session: HsmSession, where: int) -> None:
     v = "green_book_gcm"

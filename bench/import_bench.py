@@ -1,0 +1,169 @@
+"""Benchmark of the factory import against the raw ceiling of the HSM for the same work.
+
+    .venv/bin/python bench/import_bench.py --meters 100000 --workers 2
+
+In one run: generate a suite-0 batch (CSV), measure the HSM ceiling for the same work (a tight
+python-pkcs11 loop of AES key unwrap + re-wrap + destroy, four keys a meter) in one process and
+in N spawned processes, then import the batch through the factory-import flow with N HSM
+workers. The last line printed is JSON: meters, seconds, meters_per_s, workers,
+hsm_ceiling_meters_per_s (one process), hsm_ceiling_workers_meters_per_s (N processes), ratio
+(import / N-process ceiling), peak_rss_mb (largest of the flow process and its workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS_PER_METER = 4
+
+
+def _ceiling_worker(args: tuple[dict[str, str], int, bytes, bytes, float]) -> tuple[int, float]:
+    """Unwrap + re-wrap + destroy in a tight loop, as python-pkcs11 allows it, until ``until``."""
+    env, n_keys, wrapped_transport, probe, start_at = args
+    os.environ.update(env)
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+    from lifecycle.config import load_settings
+
+    s = load_settings()
+    os.environ["SOFTHSM2_CONF"] = str(s.softhsm_conf_path)
+    token = pkcs11.lib(str(s.module_path)).get_token(token_label=s.token_label)
+    with token.open(rw=True, user_pin=s.user_pin()) as session:
+        kek = session.get_key(label=s.storage_kek_label, object_class=ObjectClass.SECRET_KEY)
+        private = session.get_key(label=env["BENCH_IMPORT_LABEL"],
+                                  object_class=ObjectClass.PRIVATE_KEY)
+        hash_mech = Mechanism.SHA256 if env["BENCH_OAEP"] == "sha256" else Mechanism.SHA_1
+        mgf = pkcs11.MGF.SHA256 if env["BENCH_OAEP"] == "sha256" else pkcs11.MGF.SHA1
+        transport = private.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, wrapped_transport,  # type: ignore[attr-defined]
+                                       mechanism=Mechanism.RSA_PKCS_OAEP,
+                                       mechanism_param=(hash_mech, mgf, None),
+                                       template={Attribute.TOKEN: False})
+        template = {Attribute.TOKEN: False, Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: True}
+        while time.time() < start_at:
+            time.sleep(0.001)
+        t0 = time.perf_counter()
+        for _ in range(n_keys):
+            key = transport.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, probe,  # type: ignore[attr-defined]
+                                       mechanism=Mechanism.AES_KEY_WRAP, template=template)
+            kek.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP)  # type: ignore[attr-defined]
+            key.destroy()
+        return n_keys, time.perf_counter() - t0
+
+
+def ceiling(processes: int, n_keys: int, env: dict[str, str], wrapped_transport: bytes,
+            probe: bytes) -> float:
+    """Return meters/s of the raw HSM loop on ``processes`` spawned processes."""
+    ctx = multiprocessing.get_context("spawn")
+    start_at = time.time() + 3.0
+    with ctx.Pool(processes) as pool:
+        results = pool.map(_ceiling_worker,
+                           [(env, n_keys, wrapped_transport, probe, start_at)] * processes)
+    keys = sum(n for n, _ in results)
+    seconds = max(t for _, t in results)
+    return keys / seconds / KEYS_PER_METER
+
+
+def setup(home: Path, meters: int) -> dict[str, Any]:
+    """Make a token, an inventory, the acme vendor and a suite-0 batch under ``home``."""
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+    from lifecycle import hsm_token, inventory, role
+    from lifecycle.config import load_settings
+    from lifecycle.vendor import ensure_import_key
+    from simulator.manufacturer import Manufacturer, wrap_transport_key
+
+    s = load_settings()
+    hsm_token.generate_pin_files(s)
+    hsm_token.init_token(s)
+    hsm_token.ensure_long_lived_keys(s)
+    engine = inventory.make_engine(s.db_url)
+    inventory.migrate(engine)
+    maker = Manufacturer.create(home / "manufacturer", "acme", "P-256")
+    mapping = ROOT / "simulator" / "mappings" / "acme.toml"
+    with inventory.transaction(engine) as session:
+        role.add_principal(session, "bench", "operator")
+        inventory.add_vendor(session, "acme", maker.signing_public_pem(),
+                             mapping.read_text(encoding="utf-8"))
+    label = "meterkeys-import-acme"
+    pem, oaep = ensure_import_key(engine, s, "acme", label)
+    t0 = time.perf_counter()
+    files = maker.make_batch(out=home / "batch", mapping_path=mapping,
+                             import_public_pem=pem.decode(), oaep_hash=oaep, count=meters,
+                             suites=(0,), batch_ref="BENCH-0001")
+    generated = time.perf_counter() - t0
+    transport = secrets.token_bytes(32)
+    return {"files": files, "label": label, "oaep": oaep, "generated_s": generated,
+            "wrapped_transport": wrap_transport_key(transport, pem.decode(), oaep),
+            "probe": aes_key_wrap(transport, secrets.token_bytes(16))}
+
+
+def run_flow(path: Path, workers: int) -> tuple[dict[str, Any], float]:
+    from flows.factory_import import factory_import
+
+    t0 = time.perf_counter()
+    summary = factory_import(file=str(path), vendor="acme", principal="bench", workers=workers)
+    return summary, time.perf_counter() - t0
+
+
+def peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--meters", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--ceiling-meters", type=int, default=20_000,
+                        help="meters per process for the ceiling loops")
+    parser.add_argument("--home", type=Path, default=None, help="state dir (default: temp)")
+    args = parser.parse_args()
+
+    home = args.home or Path(tempfile.mkdtemp(prefix="meterkeys-bench-"))
+    os.environ["METERKEYS_HOME"] = str(home)
+    os.environ["PREFECT_HOME"] = str(home / "prefect")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    os.environ["DO_NOT_TRACK"] = "1"
+    sys.path.insert(0, str(ROOT))
+    ctx = setup(home, args.meters)
+    env = {k: v for k, v in os.environ.items() if k.startswith(("METERKEYS_", "PREFECT_"))}
+    env |= {"BENCH_IMPORT_LABEL": ctx["label"], "BENCH_OAEP": ctx["oaep"]}
+    n_keys = args.ceiling_meters * KEYS_PER_METER
+    one = ceiling(1, n_keys, env, ctx["wrapped_transport"], ctx["probe"])
+    many = ceiling(max(1, args.workers), n_keys, env, ctx["wrapped_transport"], ctx["probe"])
+    print(f"generated {args.meters} meters in {ctx['generated_s']:.1f} s; HSM ceiling "
+          f"{one:,.0f} meters/s (1 process), {many:,.0f} meters/s ({args.workers} processes)",
+          file=sys.stderr)
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        summary, seconds = run_flow(ctx["files"].data, args.workers)
+    if summary["imported"] != args.meters:
+        raise SystemExit(f"imported {summary['imported']} of {args.meters}")
+    rate = args.meters / seconds
+    print(json.dumps({
+        "meters": args.meters, "seconds": round(seconds, 2), "meters_per_s": round(rate, 1),
+        "workers": args.workers, "hsm_ceiling_meters_per_s": round(one, 1),
+        "hsm_ceiling_workers_meters_per_s": round(many, 1), "ratio": round(rate / many, 3),
+        "speedup_vs_one_process_ceiling": round(rate / one, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1)}))
+
+
+if __name__ == "__main__":
+    main()
