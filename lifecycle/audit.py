@@ -32,6 +32,7 @@ this also refuses SHA-256 checksums and undashed UUIDs: name those through ``bat
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -45,13 +46,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col
 
 from lifecycle.errors import AuditError
-from lifecycle.inventory import AuditCheckpoint, AuditEvent, AuditHead, is_postgres
+from lifecycle.inventory import AuditCheckpoint, AuditEvent, AuditHead, bulk_insert, is_postgres
 
 GENESIS = "0" * 64
 HEAD_ID = 1
@@ -91,9 +92,37 @@ def canonical_detail(detail: Mapping[str, Any] | None) -> str:
             the message names the field, never the value).
     """
     detail = detail or {}
-    _check_value("detail", detail)
-    return json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    try:
+        text = json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False)
+    except (TypeError, ValueError):
+        text = None
+    # Fast path for the common case (the import writes one event per meter): one regex over
+    # the JSON text and cached checks of the field names. Anything suspicious goes through the
+    # slow walk, which names the offending field.
+    if text is None or _HEX_RUN.search(text) or not _names_ok(detail):
+        _check_value("detail", detail)
+    assert text is not None
+    return text
+
+
+def _names_ok(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return _names_allowed(tuple(value)) and all(
+            _names_ok(v) for v in value.values() if isinstance(v, Mapping | list | tuple))
+    return all(_names_ok(v) for v in value if isinstance(v, Mapping | list | tuple))
+
+
+@functools.lru_cache(maxsize=1024)
+def _names_allowed(names: tuple[Any, ...]) -> bool:
+    try:
+        for name in names:
+            if not isinstance(name, str):
+                return False
+            _check_name("", name)
+    except AuditError:
+        return False
+    return True
 
 
 def _check_value(path: str, value: Any) -> None:
@@ -258,7 +287,7 @@ def _append(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]
         row["seq"], row["prev_hash"] = seq, prev
         row["hash"] = prev = event_hash(prev, row)
     conn = session.connection()
-    conn.execute(insert(AuditEvent), rows)
+    bulk_insert(conn, AuditEvent.__table__, rows)
     conn.execute(update(AuditHead).where(col(AuditHead.id) == HEAD_ID).values(seq=seq, hash=prev))
     return rows
 

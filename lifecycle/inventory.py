@@ -11,6 +11,7 @@ by Alembic (``migrate``), never by ``create_all``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -18,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     Column,
+    DateTime,
     Engine,
     LargeBinary,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     create_engine,
     event,
@@ -318,20 +322,78 @@ def _slices(items: list[str], size: int = 900) -> Iterator[list[str]]:
 
 def insert_meters(session: Session, meters: list[dict[str, Any]],
                   keys: list[list[dict[str, Any]]]) -> list[int]:
-    """Bulk-insert meters and, for each, its key versions; return the meter ids in order.
+    """Bulk-insert meters of one batch and, for each, its key versions; return the meter ids.
 
-    ``keys[i]`` are the key-version rows of ``meters[i]`` without ``meter_id``.
+    ``keys[i]`` are the key-version rows of ``meters[i]`` without ``meter_id``. Every meter
+    must carry ``batch_id`` and ``source_row`` (together unique), by which the new ids are read.
     """
     if not meters:
         return []
     conn = session.connection()
-    result = conn.execute(insert(Meter).returning(Meter.id, sort_by_parameter_order=True),
-                          meters)
-    ids = [row[0] for row in result]
-    rows = [dict(key, meter_id=meter_id) for meter_id, group in zip(ids, keys, strict=True)
-            for key in group]
-    conn.execute(insert(KeyVersion), rows)
+    bulk_insert(conn, Meter.__table__, meters)
+    rows_of = [m["source_row"] for m in meters]
+    found = dict(conn.execute(
+        select(Meter.source_row, Meter.id).where(
+            Meter.batch_id == meters[0]["batch_id"],
+            Meter.source_row.between(min(rows_of), max(rows_of)))).all())
+    ids = [found[row] for row in rows_of]
+    bulk_insert(conn, KeyVersion.__table__,
+                [dict(key, meter_id=meter_id) for meter_id, group in zip(ids, keys, strict=True)
+                 for key in group])
     return ids
+
+
+# SQLAlchemy's own storage format for DateTime on SQLite (sqlalchemy.dialects.sqlite.DATETIME).
+_SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def bulk_insert(conn: Any, table: Any, rows: list[dict[str, Any]]) -> None:
+    """Insert many rows of the same shape in one round trip.
+
+    On SQLite the rows go straight to the driver's ``executemany``, values converted as
+    SQLAlchemy would store them (UTC datetimes in its text format): per-row parameter
+    processing cost more than the insert itself. Elsewhere SQLAlchemy's executemany is used.
+    """
+    if not rows:
+        return
+    if conn.dialect.name != "sqlite":
+        conn.execute(insert(table), rows)
+        return
+    names = list(rows[0])
+    unknown = set(names) - set(table.c.keys())
+    if unknown:
+        raise InventoryError(f"{table.name} has no columns {sorted(unknown)}")
+    # Identifiers are the table's own column names (checked above); values are bound.
+    sql = (f"INSERT INTO {table.name} ({', '.join(names)}) "  # noqa: S608
+           f"VALUES ({', '.join('?' for _ in names)})")
+    columns = []
+    for name in names:
+        convert = _sqlite_converter(table.c[name].type)
+        values = [row[name] for row in rows]
+        columns.append([convert(v) for v in values] if convert else values)
+    conn.exec_driver_sql(sql, list(zip(*columns, strict=True)))
+
+
+def _sqlite_converter(kind: Any) -> Any:
+    # SQLModel wraps its types (UTCDateTime, AutoString) in TypeDecorators: look at the impl,
+    # and do what their bind processing does (aware datetimes to naive UTC).
+    kind = kind.impl if isinstance(kind, TypeDecorator) else kind
+    if isinstance(kind, DateTime):
+        return _sqlite_datetime
+    if isinstance(kind, Boolean):
+        return lambda v: None if v is None else int(v)
+    if isinstance(kind, String):
+        return lambda v: v if v is None or type(v) is str else str(v)
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _sqlite_datetime(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return value.strftime(_SQLITE_DATETIME)
 
 
 def quarantine(session: Session, batch_id: int,
@@ -345,7 +407,7 @@ def quarantine(session: Session, batch_id: int,
             QuarantinedRow.row.in_([r["row"] for r in rows])))}
     fresh = [dict(r, batch_id=batch_id) for r in rows if (r["row"], r["field"]) not in seen]
     if fresh:
-        session.connection().execute(insert(QuarantinedRow), fresh)
+        bulk_insert(session.connection(), QuarantinedRow.__table__, fresh)
     return fresh
 
 
