@@ -7,7 +7,8 @@ python-pkcs11 loop of AES key unwrap + re-wrap + destroy, four keys a meter) in 
 in N spawned processes, then import the batch through the factory-import flow with N HSM
 workers. The last line printed is JSON: meters, seconds, meters_per_s, workers,
 hsm_ceiling_meters_per_s (one process), hsm_ceiling_workers_meters_per_s (N processes), ratio
-(import / N-process ceiling), peak_rss_mb (largest of the flow process and its workers).
+(import / N-process ceiling), peak_rss_mb (largest resident set of the flow process and of
+each HSM worker, sampled; the Prefect server is not counted).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import resource
 import secrets
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -118,10 +120,39 @@ def run_flow(path: Path, workers: int) -> tuple[dict[str, Any], float]:
     return summary, time.perf_counter() - t0
 
 
-def peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
+class RssSampler:
+    """Samples the RSS of this process and of its HSM worker processes (not Prefect's server)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._me = psutil.Process()
+        self.flow_mb = 0.0
+        self.worker_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.25):
+            self.flow_mb = max(self.flow_mb, self._me.memory_info().rss / 2**20)
+            for child in self._me.children(recursive=True):
+                try:
+                    if "multiprocessing" in " ".join(child.cmdline()):
+                        self.worker_mb = max(self.worker_mb, child.memory_info().rss / 2**20)
+                except psutil.Error:
+                    continue
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.flow_mb = max(self.flow_mb, own)
 
 
 def main() -> None:
@@ -152,7 +183,7 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=120), RssSampler() as rss:
         summary, seconds = run_flow(ctx["files"].data, args.workers)
     if summary["imported"] != args.meters:
         raise SystemExit(f"imported {summary['imported']} of {args.meters}")
@@ -162,7 +193,9 @@ def main() -> None:
         "workers": args.workers, "hsm_ceiling_meters_per_s": round(one, 1),
         "hsm_ceiling_workers_meters_per_s": round(many, 1), "ratio": round(rate / many, 3),
         "speedup_vs_one_process_ceiling": round(rate / one, 3),
-        "peak_rss_mb": round(peak_rss_mb(), 1)}))
+        "peak_rss_mb": round(max(rss.flow_mb, rss.worker_mb), 1),
+        "peak_rss_flow_mb": round(rss.flow_mb, 1), "peak_rss_worker_mb": round(rss.worker_mb, 1),
+        "generate_s": round(ctx["generated_s"], 1)}))
 
 
 if __name__ == "__main__":

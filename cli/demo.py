@@ -126,15 +126,24 @@ def _flawed_batch(s: Settings) -> tuple[str, Path]:
 
 
 def _print_results(results: list[tuple[str, Path, dict[str, object]]]) -> None:
-    table = Table("vendor", "file", "records", "imported", "quarantined", "suite 0", "suite 1",
-                  "suite 2", title="Factory import")
+    from lifecycle.intake import quarantine_report
+
+    table = Table("vendor", "file", "records", "imported", "quarantined", "suites 0/1/2",
+                  title="Factory import")
+    rejected = []
     for vendor, path, summary in results:
         by_suite = summary.get("by_suite") or {}
         assert isinstance(by_suite, dict)
         table.add_row(vendor, path.name, str(summary["records"]), str(summary["imported"]),
                       str(summary["quarantined"]),
-                      *(str(by_suite.get(n, by_suite.get(str(n), 0))) for n in (0, 1, 2)))
+                      "/".join(str(by_suite.get(n, by_suite.get(str(n), 0))) for n in (0, 1, 2)))
+        rejected += [(path.name, r) for r in quarantine_report(engine(), int(summary["batch_id"]))]
     console.print(table)
+    if rejected:
+        bad = Table("file", "row", "field", "serial", "reason", title="Quarantined rows")
+        for name, r in rejected:
+            bad.add_row(name, str(r["row"]), r["field"], r["serial"], r["reason"])
+        console.print(bad)
     with inventory.transaction(engine()) as session:
         total = inventory.count_meters(session)
     console.print(f"inventory: {total} meters, 4 key blobs each, wrapped under the storage KEK")

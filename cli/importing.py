@@ -73,7 +73,8 @@ def _watch(file: Path, vendor: str, stop: threading.Event) -> None:
     sha = batch.file_sha256(file) if file.is_file() else ""
     columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress:
+    with Progress(*columns, console=err_console, transient=True,
+                  disable=not err_console.is_terminal) as progress:
         task = progress.add_task(f"importing {file.name}", total=None)
         while not stop.wait(0.5):
             with inventory.transaction(engine()) as session:

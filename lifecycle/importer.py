@@ -265,7 +265,12 @@ def _check(frame: pd.DataFrame) -> Chunk:
     # found by intake when it writes, where the inventory is the reference.
     for fld in ("serial", "system_title"):
         key = frame[fld].str.upper() if fld == "system_title" else frame[fld]
-        flag(key.duplicated(keep="first") & (key != ""), fld, f"duplicate {fld} in the file")
+        repeated = key.duplicated(keep="first") & (key != "")
+        if repeated.any():
+            first = {value: row for row, value in key[~key.duplicated(keep="first")].items()}
+            for row in frame.index[repeated]:
+                errors.setdefault(int(row), (fld, f"duplicate {fld} in the file (first at row "
+                                                  f"{first[key[row]]})"))
     return _chunk(frame, errors)
 
 

@@ -304,10 +304,17 @@ def _key_rows(settings: Settings, suite: int, blobs: list[bytes | None],
             for k, blob in zip(KeyId, blobs, strict=True)]
 
 
-def finish_batch(engine: Engine, actor: audit.Actor, plan: BatchPlan,
+def finish_batch(engine: Engine, settings: Settings, actor: audit.Actor, plan: BatchPlan,
                  now: datetime) -> BatchSummary:
-    """Mark a batch completed with its counts taken from the inventory, and audit it."""
-    with inventory.transaction(engine) as session:
+    """Mark a batch completed with its counts taken from the inventory, audit it, and sign an
+    audit checkpoint with the HSM audit key, so the batch's events are anchored.
+
+    Raises:
+        HsmError: the checkpoint could not be signed (the batch stays importing; re-run).
+    """
+    from lifecycle.hsm import Hsm
+
+    with inventory.transaction(engine) as session, Hsm.open(settings).session() as hsm:
         record = inventory.get_batch(session, plan.batch_id)
         imported, rejected = inventory.batch_counts(session, plan.batch_id)
         by_suite = inventory.suite_counts(session, plan.batch_id)
@@ -317,6 +324,7 @@ def finish_batch(engine: Engine, actor: audit.Actor, plan: BatchPlan,
             record.imported, record.quarantined = imported, rejected
             audit.record(session, actor, "batch.complete", "ok", batch_id=plan.batch_id,
                          detail={"imported": imported, "quarantined": rejected}, at=now)
+            audit.checkpoint(session, hsm, settings.audit_key_label, at=now)
         return BatchSummary(batch_id=plan.batch_id, file=plan.file, vendor=plan.vendor,
                             record_count=plan.record_count, imported=imported,
                             quarantined=rejected, by_suite=by_suite, status=record.status)

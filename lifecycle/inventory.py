@@ -332,7 +332,7 @@ def insert_meters(session: Session, meters: list[dict[str, Any]],
     conn = session.connection()
     bulk_insert(conn, Meter.__table__, meters)
     rows_of = [m["source_row"] for m in meters]
-    found = dict(conn.execute(
+    found: dict[int, int] = dict(conn.execute(
         select(Meter.source_row, Meter.id).where(
             Meter.batch_id == meters[0]["batch_id"],
             Meter.source_row.between(min(rows_of), max(rows_of)))).all())

@@ -73,7 +73,7 @@ def import_chunk(plan: intake.BatchPlan, chunk: Chunk, workers: HsmWorkers,
 @task(name="finish-batch", persist_result=False, cache_policy=NO_CACHE)
 def finish_batch(plan: intake.BatchPlan, actor: Actor) -> intake.BatchSummary:
     """Mark the batch completed with counts taken from the inventory."""
-    return intake.finish_batch(context.engine(), actor, plan, context.now())
+    return intake.finish_batch(context.engine(), context.settings(), actor, plan, context.now())
 
 
 @task(name="publish-report", persist_result=False, cache_policy=NO_CACHE)
