@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import re
@@ -52,6 +53,7 @@ class Manifest:
     transport_alg: str
     import_key_sha256: str
     wrapped_transport_key: bytes
+    sha256: str = ""  # of the manifest file itself: with the data file's, a delivery's identity
 
     @property
     def oaep_hash(self) -> str:
@@ -111,7 +113,7 @@ def load_manifest(data_file: Path, signing_key_pem: str, import_key_pem: str,
     if not isinstance(document, dict):
         raise ManifestError(name, "manifest is not a JSON object")
     _verify_signature(name, document, signing_key_pem)
-    manifest = _parse(name, document)
+    manifest = dataclasses.replace(_parse(name, document), sha256=hashlib.sha256(raw).hexdigest())
     if manifest.vendor != vendor:
         raise ManifestError(name, f"manifest is for vendor {manifest.vendor!r}, not {vendor!r}")
     if manifest.import_key_sha256 != spki_sha256(import_key_pem):

@@ -8,15 +8,19 @@ suite, hex, formula injection), and the checks that need the inventory are left 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+from cryptography import x509
 from defusedxml.ElementTree import iterparse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -227,7 +231,28 @@ def _canonical(path: Path, frame: pd.DataFrame, mapping: Mapping) -> pd.DataFram
 
 
 _SERIAL = r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}"
-_HEX = re.compile(r"[0-9A-Fa-f]*")
+_FLAG_TITLE = r"(?:4[1-9A-Fa-f]|5[0-9Aa]){3}[0-9A-Fa-f]{10}"  # 'A'..'Z' x 3, then 5 bytes
+
+
+def _is_der_certificate(text: str) -> bool:
+    # Parsed, not verified: the claim flow verifies the chain (DESIGN.md process 2).
+    if not text:
+        return True
+    try:
+        x509.load_der_x509_certificate(base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
+def _is_iso_date(text: str) -> bool:
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        return False
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check(frame: pd.DataFrame) -> Chunk:
@@ -244,6 +269,9 @@ def _check(frame: pd.DataFrame) -> Chunk:
     flag(~frame.serial.str.fullmatch(_SERIAL), "serial", "not 1-32 letters, digits, '.', '_', '-'")
     flag(~frame.system_title.str.fullmatch(r"[0-9A-Fa-f]{16}"), "system_title",
          "not 16 hex characters (8 bytes)")
+    # DLMS Green Book: a system title starts with the manufacturer's three-letter FLAG id.
+    flag(~frame.system_title.str.fullmatch(_FLAG_TITLE), "system_title",
+         "manufacturer id is not 3 letters")
     suite_ok = frame.suite.isin([str(s) for s in SUITES])
     flag(~suite_ok, "suite", "unknown suite (expected 0, 1 or 2)")
     suites = frame.suite.where(suite_ok, "0").astype(int)
@@ -254,8 +282,12 @@ def _check(frame: pd.DataFrame) -> Chunk:
         flag(col.str.len() != want, fld, "wrapped key length does not match the suite")
     needs_cert = suites.map(lambda s: SUITES[s].needs_certificate) & suite_ok
     flag(needs_cert & (frame.certificate == ""), "certificate", "missing for suite 1 or 2")
-    flag((frame.certificate != "") & ~frame.certificate.str.fullmatch(r"[A-Za-z0-9+/]+={0,2}"),
-         "certificate", "not base64 DER")
+    has_cert = frame.certificate != ""
+    flag(has_cert & ~needs_cert & suite_ok, "certificate", "given for suite 0")
+    flag(has_cert & ~frame.certificate.map(_is_der_certificate), "certificate", "not base64 DER")
+    dated = frame.manufactured != ""
+    flag(dated & ~frame.manufactured.map(_is_iso_date), "manufactured",
+         "not an ISO 8601 date (YYYY-MM-DD)")
     for fld in OPTIONAL_FIELDS[1:]:
         col = frame[fld]
         flag(col.str.startswith(FORMULA_PREFIXES), fld, "starts with a formula character")

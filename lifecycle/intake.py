@@ -35,7 +35,7 @@ from lifecycle.policy import CRYPTOPERIODS, KeyId
 # the inventory as it is (SQLite serialises writers anyway; PostgreSQL keeps its unique
 # constraints as the last word across processes).
 _WRITE_LOCK = threading.Lock()
-PROBE_ROWS = 8
+PROBE_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -140,16 +140,17 @@ def _verify(engine: Engine, settings: Settings, actor: audit.Actor, data_file: P
     with inventory.transaction(engine) as session:
         record = inventory.get_vendor(session, vendor)
         vendor_id, label = int(record.id or 0), str(record.import_key_label)
-        known = inventory.find_batch(session, vendor_id, sha)
+        known = inventory.find_batch(session, vendor_id, sha, manifest.sha256)
         if known is not None and known.status == BatchStatus.COMPLETED:
             return _plan(known, vendor, label, manifest)
     batch.check_count(data_file, manifest, count_records(data_file, mapping))
     _probe_transport_key(settings, data_file, mapping, manifest, label)
     with inventory.transaction(engine) as session:
-        known = inventory.find_batch(session, vendor_id, sha)
+        known = inventory.find_batch(session, vendor_id, sha, manifest.sha256)
         if known is None:
             known = inventory.ImportBatch(
                 vendor_id=vendor_id, file_name=data_file.name, file_sha256=sha,
+                manifest_sha256=manifest.sha256,
                 batch_ref=manifest.batch_ref, record_count=manifest.record_count,
                 status=BatchStatus.IMPORTING, flow_run_id=actor.flow_run_id, started_at=now)
             session.add(known)
@@ -172,13 +173,18 @@ def _plan(record: inventory.ImportBatch, vendor: str, label: str,
 def _probe_transport_key(settings: Settings, data_file: Path, mapping: Mapping,
                          manifest: batch.Manifest, label: str) -> None:
     # A transport key that unwraps under RSA but is not the one the keys were wrapped with
-    # would quarantine every row; reject the file instead, before anything is written.
-    first = next(read_chunks(data_file, mapping, PROBE_ROWS), None)
-    keys = [k for row in (first.keys if first else []) for k in row]
+    # would quarantine every row; reject the file instead, before anything is written. The
+    # RSA unwrap always runs; then the keys of the first well-formed rows are tried.
+    keys: list[bytes] = []
+    for chunk in read_chunks(data_file, mapping, 256):
+        keys += [k for row in chunk.keys for k in row]
+        if len(keys) >= PROBE_ROWS * len(KeyId):
+            break
+    keys = keys[:PROBE_ROWS * len(KeyId)]
     job = RewrapJob(label, manifest.oaep_hash, manifest.wrapped_transport_key, keys,
                     settings.storage_kek_label)
     try:
-        results = run_rewrap(settings, job) if keys else []
+        results = run_rewrap(settings, job)
     except IntegrityError:
         raise BatchError(data_file.name, "transport key does not unwrap under the vendor's "
                                          "import key (wrong transport key)") from None

@@ -78,11 +78,15 @@ class Vendor(SQLModel, table=True):
 
 class ImportBatch(SQLModel, table=True):
     __tablename__ = "import_batch"
-    __table_args__ = (UniqueConstraint("vendor_id", "file_sha256"),)
+    # A batch is its data file *and* its manifest: a data file re-delivered with a corrected
+    # manifest (another transport key wrap, say) is a new delivery.
+    __table_args__ = (UniqueConstraint("vendor_id", "file_sha256", "manifest_sha256",
+                                       name="uq_import_batch_delivery"),)
     id: int | None = Field(default=None, primary_key=True)
     vendor_id: int = Field(foreign_key="vendor.id", index=True)
     file_name: str = Field(max_length=512)
     file_sha256: str = Field(max_length=64)
+    manifest_sha256: str = Field(default="", max_length=64)
     batch_ref: str = Field(max_length=128)
     record_count: int
     status: str = Field(default=BatchStatus.VERIFIED, max_length=16)
@@ -276,11 +280,17 @@ def add_vendor(session: Session, name: str, signing_key_pem: str, mapping: str |
 
 
 # --- batches -----------------------------------------------------------
-def find_batch(session: Session, vendor_id: int, sha256: str) -> ImportBatch | None:
-    """Return the batch of this vendor with this file checksum, if it was seen before."""
+def find_batch(session: Session, vendor_id: int, sha256: str,
+               manifest_sha256: str | None = None) -> ImportBatch | None:
+    """Return the delivery of this vendor with this data file (and manifest), if seen before.
+
+    Without ``manifest_sha256``, the latest delivery of the data file is returned.
+    """
     stmt = select(ImportBatch).where(ImportBatch.vendor_id == vendor_id,
                                      ImportBatch.file_sha256 == sha256)
-    return session.execute(stmt).scalars().first()
+    if manifest_sha256 is not None:
+        stmt = stmt.where(ImportBatch.manifest_sha256 == manifest_sha256)
+    return session.execute(stmt.order_by(ImportBatch.id.desc())).scalars().first()
 
 
 def get_batch(session: Session, batch_id: int) -> ImportBatch:

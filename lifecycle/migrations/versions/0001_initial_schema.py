@@ -95,7 +95,7 @@ def upgrade() -> None:
     sa.Column('finished_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.ForeignKeyConstraint(['vendor_id'], ['vendor.id'], ),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('vendor_id', 'file_sha256')
+    sa.UniqueConstraint('vendor_id', 'file_sha256', name='uq_import_batch_file')
     )
     with op.batch_alter_table('import_batch', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_import_batch_vendor_id'), ['vendor_id'], unique=False)
