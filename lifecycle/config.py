@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     database_url: str | None = None
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0)
     chunk_size: int = Field(default=5000, ge=1)
+    worker_recycle_jobs: int = Field(default=25, ge=1,
+                                     description="jobs after which an HSM worker is replaced")
     principal: str | None = None
     storage_kek_label: str = "meterkeys-storage-kek"
     audit_key_label: str = "meterkeys-audit-signing"
