@@ -4,32 +4,27 @@ from __future__ import annotations
 
 import getpass
 import os
-from functools import cache
 
 import typer
 from rich.console import Console
 from sqlalchemy import Engine
 
-from lifecycle.config import Settings, load_settings
+from lifecycle.config import Settings
 from lifecycle.errors import MeterkeysError
-from lifecycle.inventory import make_engine, migrate
+from tasks import context
 
 console = Console()
 err_console = Console(stderr=True)
 
 
-@cache
 def settings() -> Settings:
-    """Read the settings once per command."""
-    return load_settings()
+    """Read the settings once per command (the same cache the tasks use)."""
+    return context.settings()
 
 
-@cache
 def engine() -> Engine:
-    """Open the inventory and bring its schema up to date."""
-    eng = make_engine(settings().db_url)
-    migrate(eng)
-    return eng
+    """Open the inventory once per command and bring its schema up to date."""
+    return context.engine()
 
 
 def principal_name() -> str:

@@ -137,7 +137,8 @@ def _print_results(results: list[tuple[str, Path, dict[str, object]]]) -> None:
         table.add_row(vendor, path.name, str(summary["records"]), str(summary["imported"]),
                       str(summary["quarantined"]),
                       "/".join(str(by_suite.get(n, by_suite.get(str(n), 0))) for n in (0, 1, 2)))
-        rejected += [(path.name, r) for r in quarantine_report(engine(), int(str(summary["batch_id"])))]
+        batch_id = int(str(summary["batch_id"]))
+        rejected += [(path.name, r) for r in quarantine_report(engine(), batch_id)]
     console.print(table)
     if rejected:
         bad = Table("file", "row", "field", "serial", "reason", title="Quarantined rows")

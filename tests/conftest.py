@@ -3,6 +3,7 @@ PostgreSQL (when reachable), one Prefect test server for the flow tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -64,6 +65,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'inventory.db'}"
         return
+    with pg_schema() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def pg_schema() -> Iterator[str]:
+    """A fresh PostgreSQL schema for one test, dropped afterwards (skips when unreachable)."""
     reason = _pg_reachable()
     if reason:
         pytest.skip(reason)

@@ -216,16 +216,23 @@ def rej_latin1(fleet: Any, out: Path, start: int) -> Case:
     return Case(files, "acme", r"not valid utf-8 at byte \d+")
 
 
-def rej_wrong_transport_key(fleet: Any, out: Path, start: int) -> Case:
-    files = _acme(fleet, out, start)
-    pem, oaep = fleet.keys["acme"]
-    other = wrap_transport_key(os.urandom(32), pem, oaep)  # opens, but is not the batch's key
+def _swap_transport_key(fleet: Any, files: Any, key_owner: str,
+                        transport: bytes | None = None) -> None:
+    """Put another transport key, RSA-wrapped under ``key_owner``'s import key, into an acme
+    manifest, and re-sign it."""
+    pem, oaep = fleet.keys[key_owner]
+    wrapped = wrap_transport_key(transport or os.urandom(32), pem, oaep)
 
     def swap(doc: dict[str, Any]) -> None:
-        doc["transport_key"]["wrapped"] = base64.b64encode(other).decode()
+        doc["transport_key"]["wrapped"] = base64.b64encode(wrapped).decode()
 
     _edit_manifest(files, swap)
     fleet.makers["acme"].resign(files.manifest)
+
+
+def rej_wrong_transport_key(fleet: Any, out: Path, start: int) -> Case:
+    files = _acme(fleet, out, start)
+    _swap_transport_key(fleet, files, "acme")  # opens, but is not the batch's key
     return Case(files, "acme", re.escape(
         "transport key unwraps none of the file's keys (wrong transport key)"))
 
@@ -249,14 +256,7 @@ def rej_transport_key_for_other_import_key(fleet: Any, out: Path, start: int) ->
 def rej_transport_key_unwraps_not(fleet: Any, out: Path, start: int) -> Case:
     # The fingerprint claims acme's import key, but the RSA ciphertext is for borealis' key.
     files = _acme(fleet, out, start)
-    pem, oaep = fleet.keys["borealis"]
-    wrapped = wrap_transport_key(os.urandom(32), pem, oaep)
-
-    def swap(doc: dict[str, Any]) -> None:
-        doc["transport_key"]["wrapped"] = base64.b64encode(wrapped).decode()
-
-    _edit_manifest(files, swap)
-    fleet.makers["acme"].resign(files.manifest)
+    _swap_transport_key(fleet, files, "borealis")
     return Case(files, "acme", re.escape(
         "transport key does not unwrap under the vendor's import key (wrong transport key)"))
 
@@ -573,14 +573,7 @@ def rej_wrong_transport_key_first_rows_bad(fleet: Any, out: Path, start: int) ->
             _set(h, rows, n, "Model", "=1")
 
     files = _acme(fleet, out, start, edit)
-    pem, oaep = fleet.keys["acme"]
-    other = wrap_transport_key(os.urandom(32), pem, oaep)
-
-    def swap(doc: dict[str, Any]) -> None:
-        doc["transport_key"]["wrapped"] = base64.b64encode(other).decode()
-
-    _edit_manifest(files, swap)
-    fleet.makers["acme"].resign(files.manifest)
+    _swap_transport_key(fleet, files, "acme")
     return Case(files, "acme", re.escape(
         "transport key unwraps none of the file's keys (wrong transport key)"))
 
@@ -731,14 +724,8 @@ def test_redelivery_with_corrected_manifest_is_imported(fleet, tmp_path: Path) -
     assert first.is_failed()
     with pytest.raises(Exception, match="wrong transport key"):
         first.result()
-    pem, oaep = fleet.keys["acme"]
-    right = wrap_transport_key(random.Random(1).randbytes(32), pem, oaep)  # make_batch's key
-
-    def swap(doc: dict[str, Any]) -> None:
-        doc["transport_key"]["wrapped"] = base64.b64encode(right).decode()
-
-    _edit_manifest(case.files, swap)
-    fleet.makers["acme"].resign(case.files.manifest)
+    _swap_transport_key(fleet, case.files, "acme",
+                        transport=random.Random(1).randbytes(32))  # make_batch's own key
     again = fleet.run(case.files, "acme")
     assert again.is_completed(), again.message
     assert again.result()["imported"] == COUNT - 8

@@ -255,21 +255,10 @@ def _plant_artifact(text: str) -> None:
 
 @pytest.fixture
 def pg_schema_url() -> Iterator[str]:
-    import psycopg
+    from tests.conftest import pg_schema
 
-    from tests.conftest import PG_URL, _pg_reachable
-
-    reason = _pg_reachable()
-    if reason:
-        pytest.skip(reason)
-    schema = f"mk_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    with pg_schema() as url:
+        yield url
 
 
 PLACES = ["inventory-sqlite", "inventory-postgres", "prefect-log", "prefect-artifact",
