@@ -729,21 +729,3 @@ def test_redelivery_with_corrected_manifest_is_imported(fleet, tmp_path: Path) -
     again = fleet.run(case.files, "acme")
     assert again.is_completed(), again.message
     assert again.result()["imported"] == COUNT - 8
-
-
-# SQLite only, to keep the file near 3 minutes: the messages do not depend on the database, and
-# the per-case tests above assert the same property for every case on both databases.
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_no_message_or_reason_holds_key_material(fleet, tmp_path: Path) -> None:
-    """Every case, one inventory: the flow messages, rejection reasons and quarantine reasons
-    never contain a plaintext key of the batch (hex, either case)."""
-    start = 1
-    for param in [*REJECTIONS, *QUARANTINES]:
-        (build,) = param.values
-        case = build(fleet, tmp_path / param.id, start)
-        start += 1000
-        if case.error is not None:
-            texts = check_rejected(fleet, case)
-        else:
-            texts = check_quarantined(fleet, case, rerun=False)  # re-runs: tested above
-        _assert_no_key_material(texts, _plaintext(case.files) | case.plaintext)
