@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
-command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+if ! command -v python3 >/dev/null; then
+  need_apt+=(python3 python3-venv)
+elif [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+  need_apt+=(python3-venv)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need_apt[*]} with apt"
   sudo_cmd=""

@@ -19,7 +19,7 @@ from lifecycle.hsm import Hsm
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 
 KILLS = 20
-METERS = 2000
+METERS = 1000
 CHILD = """
 from flows.factory_import import factory_import
 factory_import(file={file!r}, vendor="acme", principal="test-operator", workers=1)
@@ -56,38 +56,56 @@ def _tamper_row(files, maker, row: int) -> None:  # type: ignore[no-untyped-def]
     maker.resign(files.manifest)
 
 
+def _kill_at_random_moment(child: subprocess.Popen[bytes], fleet, base: int, target: float,
+                           deadline: float) -> int:  # type: ignore[no-untyped-def]
+    """Kill the child once ``target`` of its batch is in the inventory on top of ``base``
+    meters (0: while it verifies); return how many meters were in when it died."""
+    while child.poll() is None and time.monotonic() < deadline:
+        with inventory.transaction(fleet.engine) as session:
+            count = inventory.count_meters(session)
+        if count - base >= target * METERS:
+            break
+        time.sleep(0.01)
+    if child.poll() is None:
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    with inventory.transaction(fleet.engine) as session:
+        return inventory.count_meters(session)
+
+
 def test_sigkill_during_import_loses_nothing_and_duplicates_nothing(fleet, tmp_path: Path) -> None:
     if not fleet.db_url.startswith("sqlite"):
         pytest.skip("kill test runs once, on the embedded default (SQLite); PostgreSQL "
                     "atomicity of a chunk is the same transaction code")
-    files = fleet.batch("acme", tmp_path, METERS, suites=(0, 1))
-    _tamper_row(files, fleet.makers["acme"], 50)
     env = _child_env(fleet)
     rng = random.Random(20261128)
-    progress = []
-    for _ in range(KILLS):
+    killed_midway = 0
+    for attempt in range(KILLS):
+        # Each attempt imports a fresh batch (own serials) into the same inventory and token.
+        files = fleet.batch("acme", tmp_path / str(attempt), METERS, suites=(0, 1),
+                            serial_start=1 + attempt * 100_000)
+        _tamper_row(files, fleet.makers["acme"], 50)
         child = subprocess.Popen([sys.executable, "-c", CHILD.format(file=str(files.data))],
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
-        time.sleep(rng.uniform(1.5, 5.0))
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
+        before = METERS - 1
+        done = _kill_at_random_moment(child, fleet, attempt * before, rng.random(),
+                                      time.monotonic() + 60)
+        in_batch = done - attempt * before
+        killed_midway += 0 < in_batch < before
         probe = subprocess.run([sys.executable, "-c", PROBE], env=env, timeout=60, check=False)
         assert probe.returncode == 0, "token did not open, or a long-lived key is gone"
+        state = fleet.run(files, "acme")
+        assert state.is_completed(), state.message
+        summary = state.result()
+        assert (summary["imported"], summary["quarantined"]) == (before, 1), attempt
         with inventory.transaction(fleet.engine) as session:
-            progress.append(inventory.count_meters(session))
-    # At least one kill must have landed in the middle of an import, or this proved nothing.
-    assert any(0 < n < METERS - 1 for n in progress), progress
-    state = fleet.run(files, "acme")
-    assert state.is_completed(), state.message
-    summary = state.result()
-    assert (summary["imported"], summary["quarantined"]) == (METERS - 1, 1)
-    with inventory.transaction(fleet.engine) as session:
-        assert inventory.count_meters(session) == METERS - 1
-        rows = inventory.quarantine_list(session, summary["batch_id"])
-        assert [(r.row, r.field) for r in rows] == [(50, "gak")]
+            assert inventory.count_meters(session) == (attempt + 1) * before
+            rows = inventory.quarantine_list(session, summary["batch_id"])
+            assert [(r.row, r.field) for r in rows] == [(50, "gak")]
+    # Most kills must have landed in the middle of an import, or this proved little.
+    assert killed_midway >= KILLS // 2, killed_midway
     with Hsm.open(fleet.settings).session() as s:
         pem = s.public_key_pem(fleet.settings.audit_key_label).decode()
     with audit.snapshot(fleet.engine) as session:
-        assert audit.verify(session, pem) > METERS
+        assert audit.verify(session, pem) > KILLS * METERS
