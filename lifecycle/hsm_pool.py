@@ -14,13 +14,14 @@ takes seconds and competes with the Prefect server for the same two cores.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import multiprocessing
 import signal
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -104,66 +105,83 @@ def forget_transport_keys(settings: Settings) -> None:
             session.destroy(_Worker.transports.popitem()[1])
 
 
-def _worker_forget(_: int) -> int:
-    if _Worker.settings is not None:
-        forget_transport_keys(_Worker.settings)
-    return 0
-
-
 class HsmWorkers:
-    """A pool of N spawned HSM worker processes; with N == 0 the work runs in this process."""
+    """A pool of N spawned HSM worker processes; with N == 0 the work runs in this process.
+
+    A worker that dies (killed, crashed module) breaks the pool: the job in flight fails with
+    ``TransientHsmError`` and the next submission starts a fresh pool, so a retry succeeds.
+    """
 
     def __init__(self, settings: Settings, workers: int) -> None:
         self.settings = settings
         self.workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-        if workers > 0:
-            fields = settings.model_dump(exclude={"pin", "so_pin"})
-            # SoftHSM2 2.6.1 never frees a destroyed session object (SoftHSMv2 issues 562 and
-            # 563: the memory returns only at C_Finalize), about 120 bytes a key here. A worker
-            # is therefore replaced after a bounded number of jobs, which keeps memory flat.
-            self._pool = ProcessPoolExecutor(
-                max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(fields,),
-                max_tasks_per_child=settings.worker_recycle_jobs)
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = self._start() if workers > 0 else None
+        self._owner: weakref.WeakKeyDictionary[Future[Any], ProcessPoolExecutor] = \
+            weakref.WeakKeyDictionary()
+
+    def _start(self) -> ProcessPoolExecutor:
+        fields = self.settings.model_dump(exclude={"pin", "so_pin"})
+        # SoftHSM2 2.6.1 never frees a destroyed session object (SoftHSMv2 issues 562 and 563:
+        # the memory returns only at C_Finalize), about 120 bytes a key here. A worker is
+        # therefore replaced after a bounded number of jobs, which keeps memory flat.
+        return ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker, initargs=(fields,),
+            max_tasks_per_child=self.settings.worker_recycle_jobs)
 
     def rewrap(self, job: RewrapJob) -> Future[list[bytes | None]]:
-        """Submit a re-wrap job; the future raises ``TransientHsmError`` if a worker died."""
-        if self._pool is None:
+        """Submit a re-wrap job; its future fails with ``TransientHsmError`` if a worker dies."""
+        if self.workers == 0:
             done: Future[list[bytes | None]] = Future()
             try:
                 done.set_result(run_rewrap(self.settings, job))
             except Exception as exc:  # noqa: BLE001 - handed to the caller through the future
                 done.set_exception(exc)
             return done
-        try:
-            return self._pool.submit(_worker_rewrap, job)
-        except BrokenProcessPool:
-            raise TransientHsmError("re-wrap", "an HSM worker process died") from None
+        with self._lock:
+            if self._pool is None:
+                self._pool = self._start()
+            try:
+                future = self._pool.submit(_worker_rewrap, job)
+            except BrokenProcessPool:
+                self._replace(self._pool)
+                assert self._pool is not None
+                future = self._pool.submit(_worker_rewrap, job)
+            self._owner[future] = self._pool
+            return future
 
-    @staticmethod
-    def result(future: Future[list[bytes | None]]) -> list[bytes | None]:
+    def result(self, future: Future[list[bytes | None]]) -> list[bytes | None]:
         """Wait for a job, translating a dead worker into a transient error.
 
         Raises:
-            TransientHsmError: a worker process died.
+            TransientHsmError: a worker process died (the pool is replaced for the retry).
             HsmError: the job failed in the HSM.
         """
         try:
             return future.result()
-        except BrokenProcessPool:
+        except (BrokenProcessPool, CancelledError):
+            with self._lock:
+                self._replace(self._owner.get(future))
             raise TransientHsmError("re-wrap", "an HSM worker process died") from None
 
+    def _replace(self, broken: ProcessPoolExecutor | None) -> None:
+        # Only the pool that broke is replaced: several jobs of it fail at once, and the first
+        # to notice must not take a fresh pool (and its jobs) down with it.
+        if broken is None or broken is not self._pool:
+            return
+        broken.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._start()
+
     def close(self) -> None:
-        """Destroy cached transport keys everywhere and stop the workers."""
-        if self._pool is None:
+        """Stop the workers; their sessions, and the transport keys in them, end with them."""
+        if self.workers == 0:
             forget_transport_keys(self.settings)
             return
-        # Best effort: a worker's session objects vanish with its session anyway.
-        with contextlib.suppress(BrokenProcessPool):
-            list(self._pool.map(_worker_forget, range(self.workers)))
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pool = None
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def __enter__(self) -> HsmWorkers:
         return self
