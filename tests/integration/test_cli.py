@@ -28,9 +28,9 @@ def run(fleet, monkeypatch):  # type: ignore[no-untyped-def]
     return invoke
 
 
+# The command line is the same on both databases: it runs once, on the embedded default.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_import_list_show_and_verify(fleet, run, tmp_path: Path) -> None:
-    if not fleet.db_url.startswith("sqlite"):
-        pytest.skip("the command line is the same on both databases; run once")
     files = fleet.batch("acme", tmp_path, 12, suites=(0, 1))
     result = run("test-operator", "import", str(files.data), "--vendor", "acme", "--workers", "0")
     assert result.exit_code == 0, result.output
@@ -53,9 +53,8 @@ def test_import_list_show_and_verify(fleet, run, tmp_path: Path) -> None:
     assert "event 5" in broken.output
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_roles_are_enforced_on_the_command_line(fleet, run, tmp_path: Path) -> None:
-    if not fleet.db_url.startswith("sqlite"):
-        pytest.skip("the command line is the same on both databases; run once")
     files = fleet.batch("acme", tmp_path, 3)
     refused = run("test-auditor", "import", str(files.data), "--vendor", "acme")
     assert refused.exit_code == 1
