@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from lifecycle.errors import ChecksumError, ManifestError
-from lifecycle.policy import SUITES, KeyId
+from lifecycle.policy import KeyId
 
 FORMAT = "meterkeys-batch/1"
 MANIFEST_SUFFIX = ".manifest.json"
@@ -185,8 +185,3 @@ def check_count(data_file: Path, manifest: Manifest, rows: int) -> None:
     if rows != manifest.record_count:
         raise ChecksumError(data_file.name, f"file holds {rows} records, manifest says "
                                             f"{manifest.record_count}")
-
-
-def suite_of(value: str) -> int | None:
-    """Return the suite number of a canonical suite field, or None if it is not one."""
-    return int(value) if value in {"0", "1", "2"} and int(value) in SUITES else None

@@ -34,7 +34,6 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Field, Session, SQLModel
 
 from lifecycle.errors import InventoryError
@@ -499,7 +498,3 @@ def put_kek_check(session: Session, label: str, blob: bytes) -> None:
     """Store the canary blob of a KEK unless one is stored."""
     if session.get(KekCheck, label) is None:
         session.add(KekCheck(label=label, blob=blob))
-
-
-def orm(session: Session) -> OrmSession:
-    return session
