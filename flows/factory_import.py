@@ -49,10 +49,11 @@ def _import_chunks(plan: Any, file: str, mapping: str | None, workers: int | Non
     done = 0
     with t.open_workers(workers) as pool:
         order = ChunkOrder()
+        manifest = t.manifest(plan, file)
         ahead = IN_FLIGHT_PER_WORKER * max(1, pool.workers)
         for chunk in t.chunks(plan, file, mapping):
             pending.append(t.import_chunk.submit(  # type: ignore[call-overload]
-                plan, quote(chunk), quote(pool), quote(order), actor, file))
+                plan, manifest, quote(chunk), quote(pool), quote(order), actor))
             while len(pending) > ahead:
                 done += _settle(pending.popleft())
                 update_progress_artifact(progress, 100.0 * done / max(1, plan.record_count))

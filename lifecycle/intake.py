@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 from lifecycle import audit, batch, inventory
 from lifecycle.config import Settings
 from lifecycle.errors import BatchError, IntegrityError, ManifestError
-from lifecycle.hsm_pool import HsmWorkers, RewrapJob, run_rewrap
+from lifecycle.hsm_pool import HsmWorkers, RewrapJob, forget_transport_keys, run_rewrap
 from lifecycle.importer import Chunk, Mapping, count_records, read_chunks
 from lifecycle.inventory import BatchStatus, KeyState, MeterState
 from lifecycle.policy import CRYPTOPERIODS, KeyId
@@ -188,6 +188,9 @@ def _probe_transport_key(settings: Settings, data_file: Path, mapping: Mapping,
     except IntegrityError:
         raise BatchError(data_file.name, "transport key does not unwrap under the vendor's "
                                          "import key (wrong transport key)") from None
+    finally:
+        # The import's own workers unwrap the transport key again; this process keeps none.
+        forget_transport_keys(settings)
     if keys and not any(results):
         raise BatchError(data_file.name, "transport key unwraps none of the file's keys "
                                          "(wrong transport key)")

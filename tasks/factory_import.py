@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lifecycle import intake, role
 from lifecycle.audit import Actor
+from lifecycle.batch import Manifest
 from lifecycle.hsm_pool import HsmWorkers
 from lifecycle.importer import Chunk, read_chunks
 from tasks import context
@@ -49,6 +50,12 @@ def chunks(plan: intake.BatchPlan, file: str, mapping: str | None) -> Iterator[C
     return read_chunks(Path(file), parsed, settings.chunk_size)
 
 
+def manifest(plan: intake.BatchPlan, file: str) -> Manifest:
+    """Load the verified manifest once for the chunks of a run (it holds the transport key
+    RSA-wrapped only; it is passed to tasks in memory, never returned by one)."""
+    return intake.load_manifest(context.engine(), context.settings(), Path(file), plan.vendor)
+
+
 def open_workers(workers: int | None) -> HsmWorkers:
     """Start the HSM worker processes of a run (``None``: as many as settings say)."""
     settings = context.settings()
@@ -57,12 +64,11 @@ def open_workers(workers: int | None) -> HsmWorkers:
 
 @task(name="import-chunk", persist_result=False, cache_policy=NO_CACHE, retries=3,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=context.retry_on_transient)
-def import_chunk(plan: intake.BatchPlan, chunk: Chunk, workers: HsmWorkers,
-                 order: intake.ChunkOrder, actor: Actor, file: str) -> intake.ChunkResult:
+def import_chunk(plan: intake.BatchPlan, manifest: Manifest, chunk: Chunk, workers: HsmWorkers,
+                 order: intake.ChunkOrder, actor: Actor) -> intake.ChunkResult:
     """Re-wrap a chunk's keys in the HSM, then store it in file order in one transaction."""
     eng, settings = context.engine(), context.settings()
     try:
-        manifest = intake.load_manifest(eng, settings, Path(file), plan.vendor)
         blobs = intake.rewrap_chunk(workers, settings, plan, manifest, chunk)
         order.wait_turn(chunk.index)
         return intake.store_chunk(eng, settings, actor, plan, chunk, blobs, context.now())

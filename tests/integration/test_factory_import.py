@@ -63,3 +63,15 @@ def test_operator_role_is_required_and_refusal_is_audited(fleet, tmp_path: Path)
     assert denied and denied[0].principal == "test-auditor"
     with inventory.transaction(fleet.engine) as session:
         assert inventory.count_meters(session) == 0
+
+
+def test_flow_process_keeps_no_transport_key_when_workers_do_the_work(fleet,
+                                                                       tmp_path: Path) -> None:
+    from lifecycle.hsm_pool import _Worker
+
+    files = fleet.batch("acme", tmp_path, 20)
+    state = fleet.run(files, "acme", workers=1)
+    assert state.is_completed(), state.message
+    assert state.result()["imported"] == 20
+    # Verification unwrapped the transport key in this process; it must be destroyed again.
+    assert not _Worker.transports
