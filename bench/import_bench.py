@@ -82,25 +82,26 @@ def setup(home: Path, meters: int) -> dict[str, Any]:
     """Make a token, an inventory, the acme vendor and a suite-0 batch under ``home``."""
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-    from lifecycle import hsm_token, inventory, role
+    from lifecycle import principals
     from lifecycle.config import load_settings
-    from lifecycle.vendor import ensure_import_key
+    from lifecycle.factory_import.vendor import ensure_import_key, import_key_label
+    from lifecycle.installation import steps
+    from lifecycle.inventory import vendors
+    from lifecycle.inventory.db import make_engine, migrate, transaction
     from simulator.manufacturer import Manufacturer, wrap_transport_key
 
     s = load_settings()
-    hsm_token.generate_pin_files(s)
-    hsm_token.init_token(s)
-    hsm_token.ensure_long_lived_keys(s)
-    engine = inventory.make_engine(s.db_url)
-    inventory.migrate(engine)
+    engine = make_engine(s.db_url)
+    migrate(engine)
+    steps.init(s, engine, make_pin_files=True)
     maker = Manufacturer.create(home / "manufacturer", "acme", "P-256")
     mapping = ROOT / "simulator" / "mappings" / "acme.toml"
-    with inventory.transaction(engine) as session:
-        role.add_principal(session, "bench", "operator")
-        inventory.add_vendor(session, "acme", maker.signing_public_pem(),
-                             mapping.read_text(encoding="utf-8"))
-    label = "meterkeys-import-acme"
-    pem, oaep = ensure_import_key(engine, s, "acme", label)
+    with transaction(engine) as session:
+        principals.add_principal(session, "bench", "operator")
+        vendors.add_vendor(session, "acme", maker.signing_public_pem(),
+                           mapping.read_text(encoding="utf-8"))
+    label = import_key_label("acme")
+    pem, oaep = ensure_import_key(engine, s, "acme")
     t0 = time.perf_counter()
     files = maker.make_batch(out=home / "batch", mapping_path=mapping,
                              import_public_pem=pem.decode(), oaep_hash=oaep, count=meters,

@@ -1,49 +1,34 @@
-"""meterkeys demo: the factory-import lifecycle on a generated fleet, SQLite and SoftHSM2."""
+"""meterkeys demo: the lifecycle built so far on a generated fleet, SQLite and SoftHSM2."""
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from cli import prefect_env
 from cli.common import console, engine, principal_name, settings
-from lifecycle import audit, backup, hsm_token, inventory, role
+from cli.importing import run_import
+from lifecycle import principals
+from lifecycle.clock import utcnow
 from lifecycle.config import Settings
 from lifecycle.errors import InventoryError
-
-MAPPINGS = Path(__file__).resolve().parent.parent / "simulator" / "mappings"
-
-
-@dataclass(frozen=True)
-class DemoVendor:
-    name: str
-    curve: str
-    count: int
-    suites: tuple[int, ...]
-
-
-VENDORS = (
-    DemoVendor("acme", "P-256", 1200, (0, 0, 1, 2)),
-    DemoVendor("borealis", "P-384", 800, (0, 1, 2)),
-    DemoVendor("cygnus", "P-256", 600, (0, 2)),
-)
+from lifecycle.factory_import import steps as import_steps
+from lifecycle.factory_import.vendor import ensure_import_key
+from lifecycle.hsm.connection import close_all
+from lifecycle.installation import steps as installation
+from lifecycle.inventory import meters, vendors
+from lifecycle.inventory.db import transaction
+from simulator import scenario
 
 
 def demo(workers: int | None = typer.Option(None, help="HSM worker processes")) -> None:
     """Set up the HSM, onboard three vendors, import their batches and show the result."""
     s = settings()
-    prefect_env.configure(s)
     _hsm_setup(s)
-    me = principal_name()
-    _bootstrap_principal(me)
-    batches = [_vendor_batch(s, v) for v in VENDORS]
-    batches.append(_flawed_batch(s))
-    from cli.importing import run_import
-
+    _bootstrap_principal(principal_name())
+    root = s.home_dir / "manufacturers"
+    batches = [(vendor.name, path) for vendor, path in _batches(s, root)]
     results = [(vendor, path, run_import(path, vendor, None, workers))
                for vendor, path in batches]
     _print_results(results)
@@ -51,83 +36,42 @@ def demo(workers: int | None = typer.Option(None, help="HSM worker processes")) 
 
 
 def _hsm_setup(s: Settings) -> None:
-    hsm_token.generate_pin_files(s)
-    created = hsm_token.init_token(s)
-    keys = hsm_token.ensure_long_lived_keys(s)
-    backup.ensure_kek_check(s, engine())
-    console.print(f"HSM token {s.token_label!r}: {'created' if created else 'present'}; " +
-                  ", ".join(f"{label} {state}" for label, state in keys.items()))
+    report = installation.init(s, engine(), make_pin_files=True)
+    console.print("HSM: " + ", ".join(f"{item} {state}" for item, state in report.items.items()))
 
 
 def _bootstrap_principal(me: str) -> None:
-    with inventory.transaction(engine()) as session:
-        if role.role_of(session, me) is None:
-            role.add_principal(session, me, "security-officer")
+    with transaction(engine()) as session:
+        if principals.role_of(session, me) is None:
+            principals.add_principal(session, me, principals.SECURITY_OFFICER)
             console.print(f"principal {me!r} enrolled as security-officer")
 
 
-def _vendor_batch(s: Settings, v: DemoVendor) -> tuple[str, Path]:
-    from lifecycle.vendor import ensure_import_key
-    from simulator.manufacturer import Manufacturer
+def _batches(s: Settings, root: Path) -> list[tuple[scenario.DemoVendor, Path]]:
+    out: list[tuple[scenario.DemoVendor, Path]] = []
+    for vendor in scenario.VENDORS:
+        maker = scenario.manufacturer(root, vendor)
+        _onboard(vendor, maker.signing_public_pem())
+        pem, oaep = ensure_import_key(engine(), s, vendor.name)
+        out.append((vendor, scenario.vendor_batch(maker, vendor, s.home_dir / "batches" /
+                                                  vendor.name, pem.decode(), oaep)))
+    maker = scenario.manufacturer(root, scenario.FLAWED)
+    pem, oaep = ensure_import_key(engine(), s, scenario.FLAWED.name)
+    out.append((scenario.FLAWED, scenario.flawed_batch(
+        maker, s.home_dir / "batches" / f"{scenario.FLAWED.name}-flawed", pem.decode(), oaep)))
+    return out
 
-    maker = Manufacturer.create(s.home_dir / "manufacturers" / v.name, v.name, v.curve)
-    mapping = MAPPINGS / f"{v.name}.toml"
-    with inventory.transaction(engine()) as session:
+
+def _onboard(vendor: scenario.DemoVendor, signing_pem: str) -> None:
+    with transaction(engine()) as session:
         try:
-            inventory.get_vendor(session, v.name)
+            vendors.get_vendor(session, vendor.name)
         except InventoryError:
-            inventory.add_vendor(session, v.name, maker.signing_public_pem(),
-                                 mapping.read_text(encoding="utf-8"))
-    pem, oaep = ensure_import_key(engine(), s, v.name, f"meterkeys-import-{v.name}")
-    out = s.home_dir / "batches" / v.name
-    existing = _existing_batch(out)
-    if existing:
-        return v.name, existing
-    files = maker.make_batch(out=out, mapping_path=mapping, import_public_pem=pem.decode(),
-                             oaep_hash=oaep, count=v.count, suites=v.suites,
-                             batch_ref=f"{v.name.upper()}-0001")
-    return v.name, files.data
-
-
-def _existing_batch(out: Path) -> Path | None:
-    """Return the data file of a batch generated by an earlier demo run (runs reuse it)."""
-    from lifecycle.batch import MANIFEST_SUFFIX
-
-    manifests = sorted(out.glob(f"*{MANIFEST_SUFFIX}")) if out.exists() else []
-    return manifests[0].with_name(manifests[0].name.removesuffix(MANIFEST_SUFFIX)) if manifests \
-        else None
-
-
-def _flawed_batch(s: Settings) -> tuple[str, Path]:
-    """A second acme batch with a tampered key, a bad system title and a duplicate serial."""
-    from lifecycle.vendor import ensure_import_key
-    from simulator.manufacturer import Manufacturer
-
-    out = s.home_dir / "batches" / "acme-flawed"
-    maker = Manufacturer.create(s.home_dir / "manufacturers" / "acme", "acme", "P-256")
-    existing = _existing_batch(out)
-    if existing:
-        return "acme", existing
-    pem, oaep = ensure_import_key(engine(), s, "acme", "meterkeys-import-acme")
-    files = maker.make_batch(out=out, mapping_path=MAPPINGS / "acme.toml",
-                             import_public_pem=pem.decode(), oaep_hash=oaep, count=200,
-                             suites=(0, 1), serial_start=500_001, batch_ref="ACME-0002")
-    with files.data.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh, delimiter=";"))
-    rows[4]["GUEK"] = rows[4]["GUEK"][:-2] + ("00" if rows[4]["GUEK"][-2:] != "00" else "11")
-    rows[9]["SystemTitle"] = "NOT-HEX-TITLE!!!"
-    rows[14]["MeterNo"] = rows[0]["MeterNo"]
-    with files.data.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter=";")
-        writer.writeheader()
-        writer.writerows(rows)
-    maker.resign(files.manifest)
-    return "acme", files.data
+            vendors.add_vendor(session, vendor.name, signing_pem,
+                               vendor.mapping.read_text(encoding="utf-8"))
 
 
 def _print_results(results: list[tuple[str, Path, dict[str, object]]]) -> None:
-    from lifecycle.intake import quarantine_report
-
     table = Table("vendor", "file", "records", "imported", "quarantined", "suites 0/1/2",
                   title="Factory import")
     rejected = []
@@ -138,29 +82,25 @@ def _print_results(results: list[tuple[str, Path, dict[str, object]]]) -> None:
                       str(summary["quarantined"]),
                       "/".join(str(by_suite.get(n, by_suite.get(str(n), 0))) for n in (0, 1, 2)))
         batch_id = int(str(summary["batch_id"]))
-        rejected += [(path.name, r) for r in quarantine_report(engine(), batch_id)]
+        rejected += [(path.name, r) for r in import_steps.quarantine_report(engine(), batch_id)]
     console.print(table)
     if rejected:
         bad = Table("file", "row", "field", "serial", "reason", title="Quarantined rows")
         for name, r in rejected:
             bad.add_row(name, str(r["row"]), r["field"], r["serial"], r["reason"])
         console.print(bad)
-    with inventory.transaction(engine()) as session:
-        total = inventory.count_meters(session)
+    with transaction(engine()) as session:
+        total = meters.count_meters(session)
     console.print(f"inventory: {total} meters, 4 key blobs each, wrapped under the storage KEK")
 
 
 def _audit_and_backup(s: Settings) -> None:
-    from lifecycle.hsm import Hsm, close_all
-
-    with Hsm.open(s).session() as hs, inventory.transaction(engine()) as session:
-        audit.checkpoint(session, hs, s.audit_key_label, at=inventory.utcnow())
-        pem = hs.public_key_pem(s.audit_key_label).decode()
-    with audit.snapshot(engine()) as session:
-        count = audit.verify(session, pem)
+    installation.sign_checkpoint(s, engine(), principals.authorize(
+        engine(), principal_name(), "audit.checkpoint", at=utcnow()), utcnow())
+    count = installation.verify_trail(engine(), installation.audit_public_key(s))
     console.print(f"audit trail: {count} events, hash chain and signed checkpoints intact")
     close_all()
-    made = backup.backup(s, engine(), s.home_dir / "backups")
+    made = installation.backup(s, engine(), s.home_dir / "backups")
     console.print(f"token backup: {made}")
     console.print("Prefect UI: run `make serve` and open http://127.0.0.1:4200 "
                   "(the demo's runs are in its history)")

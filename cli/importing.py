@@ -8,30 +8,21 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from cli import prefect_env
-from cli.common import console, engine, err_console, fail, principal_name, settings
-from lifecycle import batch, inventory
+from cli.common import console, engine, err_console, principal_name, reports_errors
+from flows.factory_import import factory_import
 from lifecycle.errors import MeterkeysError
+from lifecycle.factory_import.batch_format import file_sha256
+from lifecycle.inventory import batches, vendors
+from lifecycle.inventory.db import transaction
 
 
-def register(app: typer.Typer) -> None:
-    """Add the top-level commands."""
-    app.command("import")(import_file)
-    from cli import demo, serve
-
-    app.command("demo")(demo.demo)
-    app.command("serve")(serve.serve)
-
-
+@reports_errors
 def import_file(file: Path = typer.Argument(..., help="the vendor's batch data file"),
                 vendor: str = typer.Option(..., help="the vendor that produced it"),
                 mapping: Path | None = typer.Option(None, help="override the vendor's mapping"),
                 workers: int | None = typer.Option(None, help="HSM worker processes")) -> None:
     """Import a factory batch through the factory-import flow."""
-    try:
-        summary = run_import(file, vendor, mapping, workers)
-    except MeterkeysError as exc:
-        raise fail(exc) from None
+    summary = run_import(file, vendor, mapping, workers)
     console.print(f"{summary['imported']} meters imported, {summary['quarantined']} rows "
                   f"quarantined, of {summary['records']} ({file.name})")
 
@@ -43,9 +34,6 @@ def run_import(file: Path, vendor: str, mapping: Path | None,
     Raises:
         MeterkeysError: the flow failed with a project error.
     """
-    prefect_env.configure(settings())
-    from flows.factory_import import factory_import
-
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(file, vendor, stop), daemon=True)
     watcher.start()
@@ -70,19 +58,19 @@ def run_import(file: Path, vendor: str, mapping: Path | None,
 
 
 def _watch(file: Path, vendor: str, stop: threading.Event) -> None:
-    sha = batch.file_sha256(file) if file.is_file() else ""
+    sha = file_sha256(file) if file.is_file() else ""
     columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True,
                   disable=not err_console.is_terminal) as progress:
         task = progress.add_task(f"importing {file.name}", total=None)
         while not stop.wait(0.5):
-            with inventory.transaction(engine()) as session:
+            with transaction(engine()) as session:
                 try:
-                    vendor_id = inventory.get_vendor(session, vendor).id
+                    vendor_id = vendors.get_vendor(session, vendor).id
                 except MeterkeysError:
                     return
-                record = inventory.find_batch(session, int(vendor_id or 0), sha)
+                record = batches.find_batch(session, int(vendor_id or 0), sha)
                 if record is not None:
                     progress.update(task, total=record.record_count,
                                     completed=record.imported + record.quarantined)

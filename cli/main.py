@@ -1,10 +1,10 @@
-"""The ``meterkeys`` command."""
+"""The ``meterkeys`` command: every command group and command is registered here."""
 
 from __future__ import annotations
 
 import typer
 
-from cli import audit, hsm, importing, meters, principal, vendor
+from cli import audit, demo, hsm, importing, meters, principal, serve, vendor
 
 app = typer.Typer(help="meterkeys: key lifecycle management for smart-meter fleets",
                   no_args_is_help=True)
@@ -13,7 +13,9 @@ app.add_typer(vendor.app, name="vendor")
 app.add_typer(meters.app, name="meters")
 app.add_typer(audit.app, name="audit")
 app.add_typer(principal.app, name="principal")
-importing.register(app)
+app.command("import")(importing.import_file)
+app.command("demo")(demo.demo)
+app.command("serve")(serve.serve)
 
 if __name__ == "__main__":
     app()

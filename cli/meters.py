@@ -5,44 +5,40 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from cli.common import console, engine, fail, principal_name
-from lifecycle import inventory, role
-from lifecycle.errors import MeterkeysError
+from cli.common import authorize, console, engine, reports_errors
+from lifecycle.inventory import meters
+from lifecycle.inventory.db import transaction
 from lifecycle.policy import KeyId
 
 app = typer.Typer(no_args_is_help=True, help="The meter inventory.")
 
 
 @app.command("list")
+@reports_errors
 def list_meters(limit: int = typer.Option(50, help="rows to show"),
                 offset: int = typer.Option(0, help="rows to skip"),
                 state: str | None = typer.Option(None, help="only meters in this state")) -> None:
     """List meters by serial."""
-    try:
-        role.authorize(engine(), principal_name(), "meter.read", at=inventory.utcnow())
-    except MeterkeysError as exc:
-        raise fail(exc) from None
-    with inventory.transaction(engine()) as session:
-        meters = inventory.list_meters(session, limit=limit, offset=offset, state=state)
-        total = inventory.count_meters(session)
+    authorize("meter.read")
+    with transaction(engine()) as session:
+        rows = meters.list_meters(session, limit=limit, offset=offset, state=state)
+        total = meters.count_meters(session)
     table = Table("serial", "system title", "suite", "state", "batch", "row",
                   title=f"{total} meters")
-    for m in meters:
+    for m in rows:
         table.add_row(m.serial, m.system_title, str(m.suite), m.state, str(m.batch_id),
                       str(m.source_row))
     console.print(table)
 
 
 @app.command("show")
+@reports_errors
 def show(serial: str) -> None:
     """Show one meter and its key versions (states and dates, never key material)."""
-    try:
-        role.authorize(engine(), principal_name(), "meter.read", at=inventory.utcnow())
-        with inventory.transaction(engine()) as session:
-            meter = inventory.get_meter(session, serial)
-            versions = inventory.key_versions(session, int(meter.id or 0))
-    except MeterkeysError as exc:
-        raise fail(exc) from None
+    authorize("meter.read")
+    with transaction(engine()) as session:
+        meter = meters.get_meter(session, serial)
+        versions = meters.key_versions(session, int(meter.id or 0))
     console.print(f"[bold]{meter.serial}[/]  system title {meter.system_title}  suite "
                   f"{meter.suite}  state {meter.state}  batch {meter.batch_id} row "
                   f"{meter.source_row}  factory certificate: "

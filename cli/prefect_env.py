@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from lifecycle.config import Settings
+from lifecycle.config import load_settings
 
 
-def configure(settings: Settings) -> None:
-    """Keep Prefect's home (database, logs) under METERKEYS_HOME unless set otherwise."""
+def configure() -> None:
+    """Keep Prefect's home (database, logs) under METERKEYS_HOME unless set otherwise.
+
+    Prefect reads its settings when it is first imported, so this runs before any module of
+    the command line imports it (``cli/__init__.py``).
+    """
+    settings = load_settings()
     os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    settings.prefect_home.mkdir(parents=True, exist_ok=True)

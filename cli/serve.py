@@ -9,15 +9,15 @@ import time
 import urllib.request
 
 import typer
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from cli import prefect_env
-from cli.common import console, settings
+from cli.common import console
+from deployments.serve import main
 
 
 def serve(host: str = typer.Option("127.0.0.1", help="address of the Prefect UI and API"),
           port: int = typer.Option(4200, help="port of the Prefect UI and API")) -> None:
     """Start a local Prefect server (UI at http://HOST:PORT) and serve the deployments."""
-    prefect_env.configure(settings())
     api = f"http://{host}:{port}/api"
     server = None
     if not _healthy(api):
@@ -29,13 +29,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="address of the Prefect UI 
             if server.poll() is not None or time.monotonic() > deadline:
                 raise typer.Exit(1)
             time.sleep(1)
-    os.environ["PREFECT_API_URL"] = api
     console.print(f"Prefect UI: http://{host}:{port}  (deployments: factory-import); "
                   "Ctrl-C to stop")
-    from deployments.serve import main
-
     try:
-        main()
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            main()
     finally:
         if server is not None:
             server.terminate()

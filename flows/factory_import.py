@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -11,9 +11,10 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from lifecycle.intake import ChunkOrder, ChunkResult
-from lifecycle.inventory import BatchStatus
 from tasks import factory_import as t
+
+if TYPE_CHECKING:
+    from lifecycle.factory_import.steps import ChunkResult
 
 IN_FLIGHT_PER_WORKER = 2
 
@@ -33,7 +34,7 @@ def factory_import(file: str, vendor: str, principal: str, mapping: str | None =
     """
     actor = t.authorize(principal, "batch.import")
     plan = t.verify_batch(file, vendor, actor, mapping)
-    if plan.status != BatchStatus.COMPLETED:
+    if not plan.completed:
         _import_chunks(plan, file, mapping, workers, actor)
     summary = t.finish_batch(plan, actor)
     t.publish_report(summary)
@@ -48,7 +49,7 @@ def _import_chunks(plan: Any, file: str, mapping: str | None, workers: int | Non
     pending: deque[PrefectFuture[ChunkResult]] = deque()
     done = 0
     with t.open_workers(workers) as pool:
-        order = ChunkOrder()
+        order = t.chunk_order()
         manifest = t.manifest(plan, file)
         ahead = IN_FLIGHT_PER_WORKER * max(1, pool.workers)
         for chunk in t.chunks(plan, file, mapping):

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
                                      description="jobs after which an HSM worker is replaced")
     principal: str | None = None
     storage_kek_label: str = "meterkeys-storage-kek"
+    master_kek_label: str = "meterkeys-storage-kek-master"
+    blob_mac_label: str = "meterkeys-blob-mac"
     audit_key_label: str = "meterkeys-audit-signing"
     audit_checkpoint_every: int = Field(default=10000, ge=1)
 

@@ -1,7 +1,8 @@
-"""The project's errors: one hierarchy, one root.
+"""The project's errors: one hierarchy, one root, every member picklable.
 
     MeterkeysError
     ├── ConfigError                 settings missing or unsafe (placeholder PIN, no module)
+    │   └── TokenBusy               the token lock was not obtained in time
     ├── HsmError                    raised at the PKCS#11 boundary, never a pkcs11 exception
     │   ├── TransientHsmError       worth a retry: session closed, device busy, worker died
     │   └── PermanentHsmError       do not retry: wrong PIN, missing key, bad mechanism
@@ -10,23 +11,53 @@
     ├── InventoryError              a database constraint or state rule was broken
     ├── AccessDenied                the principal's role may not perform the operation
     ├── AuditError                  the audit trail is broken (names the first bad event)
+    ├── BackupError                 a token backup is unusable or a restore was refused
     └── BatchError                  a factory batch as a whole is unacceptable
         ├── ManifestError           missing, malformed or badly signed manifest
         └── ChecksumError           the file is not the one the manifest describes
 
 Every error names what failed (meter, key label, file, row, field). None carries key material,
 PINs or wrapped key bytes: messages end up in Prefect's database and logs.
+
+Errors cross process boundaries (an HSM worker raises, the task that waits for it handles), so
+the root pickles every error by its message and fields rather than by its constructor's
+arguments: a permanent error raised in a worker reaches the parent as that permanent error.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _rebuild(cls: type[MeterkeysError], args: tuple[Any, ...],
+             state: dict[str, Any]) -> MeterkeysError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class MeterkeysError(Exception):
     """Root of every error this project raises on purpose."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
 
 class ConfigError(MeterkeysError):
     """Settings are missing, malformed or unsafe."""
+
+
+class TokenBusy(ConfigError):
+    """The token lock was not obtained in time: some process holds the token open."""
+
+    def __init__(self, token_dir: Path, exclusive: bool, timeout: float) -> None:
+        self.token_dir = token_dir
+        what = ("a process holds the token open (stop workers, flows and CLI sessions using it)"
+                if exclusive else "a backup or restore of the token is running")
+        super().__init__(f"token directory {token_dir} is locked: {what}; "
+                         f"gave up after {timeout:g} s")
 
 
 class HsmError(MeterkeysError):
@@ -80,6 +111,15 @@ class AuditError(MeterkeysError):
         self.reason = reason
         at = f"event {seq}" if seq is not None else "audit trail"
         super().__init__(f"{at}: {reason}")
+
+
+class BackupError(MeterkeysError):
+    """A backup is unusable, or a restore was refused; names the file or the failed check."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
 
 
 class BatchError(MeterkeysError):

@@ -1,4 +1,4 @@
-"""DLMS security suites and NIST SP 800-57 cryptoperiods, as data.
+"""DLMS security suites, NIST SP 800-57 cryptoperiods and accepted algorithms, as data.
 
 Suites: DLMS Green Book (IEC 62056-5-3) security suites 0-2. Key ids: Security Setup (class 64)
 ``global_key_transfer`` key_id enum.
@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import IntEnum
+
+from cryptography.hazmat.primitives import hashes
 
 
 class KeyId(IntEnum):
@@ -59,3 +61,22 @@ CRYPTOPERIODS: dict[KeyId, timedelta] = {
     KeyId.GAK: timedelta(days=730),
     KeyId.KEK: timedelta(days=730),
 }
+
+# RSA-OAEP hashes (MGF1 with the same hash, RFC 8017 §7.1) for batch transport keys, strongest
+# first. The HSM layer maps each name to its PKCS#11 mechanism; the manifest names the algorithm
+# as ``RSA-OAEP-<HASH>``.
+OAEP_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256,
+    "sha1": hashes.SHA1,  # SoftHSM2 2.6.1 unwraps RSA-OAEP with SHA-1 only
+}
+TRANSPORT_ALGS: dict[str, str] = {f"RSA-OAEP-{name.upper()}": name for name in OAEP_HASHES}
+
+
+def storage_kek_role(key_id: KeyId) -> str:
+    """Return which storage KEK wraps a meter key: the master key has its own.
+
+    A KEK has one unwrap template, so what a key may do once unwrapped from storage is decided
+    by the KEK it is stored under: the usage keys (GUEK, GBEK, GAK) come out for AES-GCM only,
+    the meter's master key for AES key wrap only (new keys for the meter).
+    """
+    return "storage-kek-master" if key_id == KeyId.KEK else "storage-kek"

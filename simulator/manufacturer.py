@@ -33,20 +33,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 from cryptography.x509.oid import NameOID
 
-from lifecycle.batch import (
+from lifecycle.factory_import.batch_format import (
     CANONICAL_FIELDS,
     FORMAT,
     KEY_FIELDS,
     MANIFEST_SUFFIX,
     REQUIRED_FIELDS,
     SIGNATURE_ALGS,
-    TRANSPORT_ALGS,
     canonical_bytes,
     file_sha256,
     manifest_path,
     spki_sha256,
 )
-from lifecycle.policy import SUITES
+from lifecycle.policy import OAEP_HASHES, SUITES, TRANSPORT_ALGS
 
 SECRETS_SUFFIX = ".meter-secrets.jsonl"
 FORMATS = {"csv": ".csv", "jsonl": ".jsonl", "xml": ".xml", "xlsx": ".xlsx"}
@@ -302,13 +301,12 @@ def wrap_transport_key(transport_key: bytes, import_public_pem: str, oaep_hash: 
     Raises:
         ValueError: ``oaep_hash`` is not "sha256" or "sha1", or the key is not RSA.
     """
-    algorithms = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
-    if oaep_hash not in algorithms:
-        raise ValueError(f"oaep_hash {oaep_hash!r} is not one of {sorted(algorithms)}")
+    if oaep_hash not in OAEP_HASHES:
+        raise ValueError(f"oaep_hash {oaep_hash!r} is not one of {sorted(OAEP_HASHES)}")
     public = serialization.load_pem_public_key(import_public_pem.encode())
     if not isinstance(public, rsa.RSAPublicKey):
         raise ValueError("the import public key is not an RSA key")
-    digest = algorithms[oaep_hash]
+    digest = OAEP_HASHES[oaep_hash]
     return public.encrypt(transport_key, padding.OAEP(mgf=padding.MGF1(digest()),
                                                       algorithm=digest(), label=None))
 

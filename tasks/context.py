@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Engine
+from prefect import runtime
 
+from lifecycle.clock import utcnow
 from lifecycle.config import Settings, load_settings
 from lifecycle.errors import TransientHsmError
-from lifecycle.inventory import make_engine, migrate
+from lifecycle.inventory.db import Engine, make_engine, migrate
 
 
 @cache
@@ -36,7 +37,8 @@ def reset() -> None:
 
 
 def now() -> datetime:
-    return datetime.now(UTC)
+    """The clock of the tasks (the project's one clock)."""
+    return utcnow()
 
 
 def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -51,7 +53,6 @@ def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def flow_run_id() -> str | None:
-    from prefect import runtime
-
+    """The id of the flow run this task belongs to, if any."""
     value = runtime.flow_run.id
     return str(value) if value else None

@@ -1,4 +1,4 @@
-"""Prefect tasks of the factory import: thin, batch- and chunk-level wrappers over ``intake``.
+"""Prefect tasks of the factory import: thin, batch- and chunk-level wrappers over its steps.
 
 No task returns or persists key material: every task has ``persist_result=False`` and no cache
 policy, and what they return (plans, counts, actors) holds none.
@@ -13,11 +13,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lifecycle import intake, role
-from lifecycle.audit import Actor
-from lifecycle.batch import Manifest
-from lifecycle.hsm_pool import HsmWorkers
-from lifecycle.importer import Chunk, read_chunks
+from lifecycle import principals
+from lifecycle.audit.chain import Actor
+from lifecycle.factory_import import steps as intake
+from lifecycle.factory_import.batch_format import Manifest
+from lifecycle.factory_import.reader import Chunk, read_chunks
+from lifecycle.hsm.pool import HsmWorkers
 from tasks import context
 
 RETRY_DELAYS = [1.0, 2.0, 4.0]
@@ -26,7 +27,7 @@ RETRY_DELAYS = [1.0, 2.0, 4.0]
 @task(name="authorize", persist_result=False, cache_policy=NO_CACHE)
 def authorize(principal: str, action: str) -> Actor:
     """Check that the principal may perform the action (refusals are audited)."""
-    return role.authorize(context.engine(), principal, action,
+    return principals.authorize(context.engine(), principal, action,
                           flow_run_id=context.flow_run_id(), at=context.now())
 
 
@@ -56,10 +57,15 @@ def manifest(plan: intake.BatchPlan, file: str) -> Manifest:
     return intake.load_manifest(context.engine(), context.settings(), Path(file), plan.vendor)
 
 
+def chunk_order() -> intake.ChunkOrder:
+    """The coordinator that stores a run's chunks in file order."""
+    return intake.ChunkOrder()
+
+
 def open_workers(workers: int | None) -> HsmWorkers:
     """Start the HSM worker processes of a run (``None``: as many as settings say)."""
     settings = context.settings()
-    return HsmWorkers(settings, settings.workers if workers is None else workers)
+    return intake.rewrap_workers(settings, settings.workers if workers is None else workers)
 
 
 @task(name="import-chunk", persist_result=False, cache_policy=NO_CACHE, retries=3,

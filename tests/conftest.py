@@ -17,6 +17,9 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="meterkeys-test-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
+# The command line sets Prefect's log level to WARNING when it is imported, unless one is set:
+# the tests read the flow runs' INFO lines, so the session sets its own.
+os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
 os.environ["METERKEYS_HOME"] = str(_SESSION_DIR / "home")
 os.environ.pop("METERKEYS_PIN", None)
 os.environ.pop("METERKEYS_DATABASE_URL", None)
@@ -32,19 +35,19 @@ def session_dir() -> Path:
 @pytest.fixture(scope="session")
 def settings():  # type: ignore[no-untyped-def]
     """Settings of the test session's embedded home, with an initialised token and keys."""
-    from lifecycle import hsm_token
     from lifecycle.config import load_settings
+    from lifecycle.hsm import provision
 
     s = load_settings()
-    hsm_token.generate_pin_files(s)
-    hsm_token.init_token(s)
-    hsm_token.ensure_long_lived_keys(s)
+    provision.generate_pin_files(s)
+    provision.init_token(s)
+    provision.ensure_long_lived_keys(s)
     return s
 
 
 @pytest.fixture(scope="session")
 def hsm(settings):  # type: ignore[no-untyped-def]
-    from lifecycle.hsm import Hsm
+    from lifecycle.hsm.connection import Hsm
 
     return Hsm.open(settings)
 
@@ -89,7 +92,7 @@ def pg_schema() -> Iterator[str]:
 
 @pytest.fixture
 def engine(db_url: str):  # type: ignore[no-untyped-def]
-    from lifecycle.inventory import make_engine, migrate
+    from lifecycle.inventory.db import make_engine, migrate
 
     eng = make_engine(db_url)
     migrate(eng)
@@ -123,21 +126,22 @@ MAPPINGS = Path(__file__).resolve().parent.parent / "simulator" / "mappings"
 def fleet(settings, engine, db_url, manufacturers, monkeypatch):  # type: ignore[no-untyped-def]
     """An inventory ready to import: principals enrolled, four vendors onboarded with their
     HSM import keys, and the task context pointed at this test's database."""
-    from lifecycle import inventory, role
-    from lifecycle.vendor import ensure_import_key
+    from lifecycle import principals
+    from lifecycle.factory_import.vendor import ensure_import_key
+    from lifecycle.inventory import db, vendors
     from tasks import context
 
     monkeypatch.setenv("METERKEYS_DATABASE_URL", db_url)
     context.reset()
-    with inventory.transaction(engine) as session:
-        role.add_principal(session, "test-operator", "operator")
-        role.add_principal(session, "test-auditor", "auditor")
+    with db.transaction(engine) as session:
+        principals.add_principal(session, "test-operator", "operator")
+        principals.add_principal(session, "test-auditor", "auditor")
     keys = {}
     for vendor, maker in manufacturers.items():
-        with inventory.transaction(engine) as session:
-            inventory.add_vendor(session, vendor, maker.signing_public_pem(),
+        with db.transaction(engine) as session:
+            vendors.add_vendor(session, vendor, maker.signing_public_pem(),
                                  (MAPPINGS / f"{vendor}.toml").read_text(encoding="utf-8"))
-        pem, oaep = ensure_import_key(engine, settings, vendor, f"meterkeys-import-{vendor}")
+        pem, oaep = ensure_import_key(engine, settings, vendor)
         keys[vendor] = (pem.decode(), oaep)
     yield Fleet(settings, engine, db_url, manufacturers, keys)
     context.reset()

@@ -1,0 +1,151 @@
+"""Bulk HSM work on spawned worker processes, one HSM login each.
+
+Within one process PKCS#11 calls are serialised (``lifecycle.hsm.boundary``), so bulk work
+scales by processes. Workers are started with ``spawn``: each loads the module and logs in by
+itself from its own settings (the PIN is read from the environment or PIN file in the child; the
+parent sends none). A job is a module-level function ``fn(settings, job)`` and its argument: both
+cross the pipe by pickle, so neither may hold a PKCS#11 object, and what a process job sends and
+returns must be wrapped key material at most, never a key in clear.
+
+Errors pickle (``lifecycle.errors``): a job that raises a permanent HSM error in a worker fails
+its future with that error, so the caller does not retry it. Only a worker that dies (killed,
+crashed module) is a transient failure.
+
+Plain worker processes are used rather than Prefect's ``ProcessPoolTaskRunner``: a worker that
+imports only the HSM layer starts in well under a second, where one that imports Prefect takes
+seconds and competes with the Prefect server for the same two cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import signal
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+from lifecycle.config import Settings
+from lifecycle.errors import TransientHsmError
+
+JobT = TypeVar("JobT")
+ResultT = TypeVar("ResultT")
+
+
+class _Worker:
+    """Per-process state of a worker: its settings (read from the parent's, less the PINs)."""
+
+    settings: Settings | None = None
+
+
+def _init_worker(fields: dict[str, Any]) -> None:
+    _die_with_parent()
+    _Worker.settings = Settings(**fields)
+
+
+def _die_with_parent() -> None:
+    # A worker whose parent was killed must not linger holding an HSM session.
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _run(fn: Callable[[Settings, Any], Any], job: Any) -> Any:
+    assert _Worker.settings is not None
+    return fn(_Worker.settings, job)
+
+
+class HsmWorkers:
+    """A pool of N spawned HSM worker processes; with N == 0 the work runs in this process.
+
+    A worker that dies breaks the pool: the job in flight fails with ``TransientHsmError`` and
+    the next submission starts a fresh pool, so a retry succeeds. ``cleanup(settings)`` runs in
+    this process on close when the work ran here (N == 0), to drop what jobs left in the HSM
+    session; with workers, their sessions end with them.
+    """
+
+    def __init__(self, settings: Settings, workers: int,
+                 cleanup: Callable[[Settings], None] | None = None) -> None:
+        self.settings = settings
+        self.workers = workers
+        self._cleanup = cleanup
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = self._start() if workers > 0 else None
+        self._owner: weakref.WeakKeyDictionary[Future[Any], ProcessPoolExecutor] = \
+            weakref.WeakKeyDictionary()
+
+    def _start(self) -> ProcessPoolExecutor:
+        fields = self.settings.model_dump(exclude={"pin", "so_pin"})
+        # SoftHSM2 2.6.1 never frees a destroyed session object (SoftHSMv2 issues 562 and 563:
+        # the memory returns only at C_Finalize), about 120 bytes a key here. A worker is
+        # therefore replaced after a bounded number of jobs, which keeps memory flat.
+        return ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker, initargs=(fields,),
+            max_tasks_per_child=self.settings.worker_recycle_jobs)
+
+    def submit(self, fn: Callable[[Settings, JobT], ResultT], job: JobT) -> Future[ResultT]:
+        """Run ``fn(settings, job)`` on a worker (``fn`` must be a module-level function)."""
+        if self.workers == 0:
+            done: Future[ResultT] = Future()
+            try:
+                done.set_result(fn(self.settings, job))
+            except Exception as exc:  # noqa: BLE001 - handed to the caller through the future
+                done.set_exception(exc)
+            return done
+        with self._lock:
+            if self._pool is None:
+                self._pool = self._start()
+            try:
+                future = self._pool.submit(_run, fn, job)
+            except BrokenProcessPool:
+                self._replace(self._pool)
+                assert self._pool is not None
+                future = self._pool.submit(_run, fn, job)
+            self._owner[future] = self._pool
+            return future
+
+    def result(self, future: Future[ResultT]) -> ResultT:
+        """Wait for a job, translating a dead worker into a transient error.
+
+        Raises:
+            TransientHsmError: a worker process died (the pool is replaced for the retry).
+            MeterkeysError: what the job raised (a permanent HSM error stays permanent).
+        """
+        try:
+            return future.result()
+        except (BrokenProcessPool, CancelledError):
+            with self._lock:
+                self._replace(self._owner.get(future))
+            raise TransientHsmError("worker job", "an HSM worker process died") from None
+
+    def _replace(self, broken: ProcessPoolExecutor | None) -> None:
+        # Only the pool that broke is replaced: several jobs of it fail at once, and the first
+        # to notice must not take a fresh pool (and its jobs) down with it.
+        if broken is None or broken is not self._pool:
+            return
+        broken.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._start()
+
+    def close(self) -> None:
+        """Stop the workers; their sessions, and the session keys in them, end with them."""
+        if self.workers == 0:
+            if self._cleanup is not None:
+                self._cleanup(self.settings)
+            return
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> HsmWorkers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["HsmWorkers"]

@@ -1,0 +1,161 @@
+"""The inventory's engine, transactions, migrations and bulk insert.
+
+SQLite by default (WAL, foreign keys on, writers queue at BEGIN IMMEDIATE), PostgreSQL by URL.
+The schema is created and upgraded by Alembic (``migrate``), never by ``create_all``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Engine,
+    String,
+    TypeDecorator,
+    create_engine,
+    event,
+    insert,
+)
+from sqlmodel import Session
+
+from lifecycle.errors import InventoryError
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+# ``Engine`` and ``Session`` are named here for the rest of the project's type hints, so that no
+# module outside the inventory imports SQLAlchemy or SQLModel.
+__all__ = ["Engine", "Session", "bulk_insert", "is_postgres", "make_engine", "migrate", "slices",
+           "snapshot", "transaction"]
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine; SQLite gets WAL, a busy timeout and foreign keys."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+            # Take the write lock at BEGIN, so that concurrent writers queue instead of failing
+            # on lock upgrade (pysqlite's own BEGIN handling is switched off).
+            dbapi_conn.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    return create_engine(url, pool_pre_ping=True)
+
+
+@contextlib.contextmanager
+def transaction(engine: Engine) -> Iterator[Session]:
+    """Yield a session inside one transaction: committed on success, rolled back on error."""
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        yield session
+
+
+def migrate(engine: Engine) -> None:
+    """Create or upgrade the schema to the latest Alembic revision."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+def is_postgres(engine: Engine) -> bool:
+    return engine.dialect.name == "postgresql"
+
+
+
+@contextlib.contextmanager
+def snapshot(engine: Engine) -> Iterator[Session]:
+    """Yield a session on one consistent snapshot, for reading while others append.
+
+    PostgreSQL gets a REPEATABLE READ, READ ONLY transaction; SQLite's ``BEGIN IMMEDIATE``
+    already keeps writers out while it lasts.
+    """
+    bind = engine
+    if is_postgres(engine):
+        bind = engine.execution_options(isolation_level="REPEATABLE READ",
+                                        postgresql_readonly=True)
+    with Session(bind, expire_on_commit=False) as session, session.begin():
+        yield session
+
+
+def slices(items: list[str], size: int = 900) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# SQLAlchemy's own storage format for DateTime on SQLite (sqlalchemy.dialects.sqlite.DATETIME).
+_SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def bulk_insert(conn: Any, table: Any, rows: list[dict[str, Any]]) -> None:
+    """Insert many rows of the same shape in one round trip.
+
+    On SQLite the rows go straight to the driver's ``executemany``, values converted as
+    SQLAlchemy would store them (UTC datetimes in its text format): per-row parameter
+    processing cost more than the insert itself. Elsewhere SQLAlchemy's executemany is used.
+    """
+    if not rows:
+        return
+    if conn.dialect.name != "sqlite":
+        conn.execute(insert(table), rows)
+        return
+    names = list(rows[0])
+    unknown = set(names) - set(table.c.keys())
+    if unknown:
+        raise InventoryError(f"{table.name} has no columns {sorted(unknown)}")
+    # Identifiers are the table's own column names (checked above); values are bound.
+    sql = (f"INSERT INTO {table.name} ({', '.join(names)}) "  # noqa: S608
+           f"VALUES ({', '.join('?' for _ in names)})")
+    columns = []
+    for name in names:
+        convert = _sqlite_converter(table.c[name].type)
+        values = [row[name] for row in rows]
+        columns.append([convert(v) for v in values] if convert else values)
+    conn.exec_driver_sql(sql, list(zip(*columns, strict=True)))
+
+
+def _sqlite_converter(kind: Any) -> Any:
+    # SQLModel wraps its types (UTCDateTime, AutoString) in TypeDecorators: look at the impl,
+    # and do what their bind processing does (aware datetimes to naive UTC).
+    kind = kind.impl if isinstance(kind, TypeDecorator) else kind
+    if isinstance(kind, DateTime):
+        return _sqlite_datetime
+    if isinstance(kind, Boolean):
+        return lambda v: None if v is None else int(v)
+    if isinstance(kind, String):
+        return lambda v: v if v is None or type(v) is str else str(v)
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _sqlite_datetime(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return value.strftime(_SQLITE_DATETIME)

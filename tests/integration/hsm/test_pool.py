@@ -1,0 +1,130 @@
+"""Bulk HSM work on spawned workers: results match, and a killed worker costs a retry only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+from lifecycle.errors import KeyNotFound, TransientHsmError
+from lifecycle.factory_import.rewrap import RewrapJob, run_rewrap
+from lifecycle.hsm.pool import HsmWorkers
+from lifecycle.hsm.session import ObjectClass
+from simulator.manufacturer import wrap_transport_key
+
+LABEL = "test-pool-import"
+
+
+@pytest.fixture(scope="module")
+def transport(settings, hsm):  # type: ignore[no-untyped-def]
+    """A transport key RSA-wrapped under a test import key, and keys wrapped under it."""
+    with hsm.session() as s:
+        if not s.has_key(LABEL, ObjectClass.PRIVATE_KEY):
+            s.generate_token_rsa(LABEL, 2048)
+        pem = s.public_key_pem(LABEL)
+        oaep = s.probe_oaep_hash(LABEL, pem)
+    key = os.urandom(32)
+    return oaep, wrap_transport_key(key, pem.decode(), oaep), key
+
+
+def _job(settings, transport, keys: list[bytes]) -> RewrapJob:  # type: ignore[no-untyped-def]
+    oaep, wrapped, _ = transport
+    return RewrapJob(LABEL, oaep, wrapped, keys, settings.storage_kek_label)
+
+
+def _workers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True)
+            if "multiprocessing" in " ".join(p.cmdline()) and "resource_tracker"
+            not in " ".join(p.cmdline())]
+
+
+def test_workers_rewrap_like_the_process_itself(settings, hsm, transport) -> None:  # type: ignore[no-untyped-def]
+    tk = transport[2]
+    keys = [aes_key_wrap(tk, os.urandom(16)) for _ in range(200)]
+    keys[7] = keys[7][:-1] + bytes([keys[7][-1] ^ 1])
+    with HsmWorkers(settings, 2) as pool:
+        blobs = pool.result(pool.submit(run_rewrap, _job(settings, transport, keys)))
+    assert [i for i, b in enumerate(blobs) if b is None] == [7]
+    with hsm.session() as s:  # each blob unwraps under the storage KEK: the same key sealed
+        for blob in blobs[:3]:
+            assert blob is not None and len(blob) == 24
+            s.destroy(s.unwrap_aes(settings.storage_kek_label, blob))
+
+
+def test_a_killed_worker_fails_one_job_transiently_and_the_retry_succeeds(
+        settings, transport) -> None:  # type: ignore[no-untyped-def]
+    tk = transport[2]
+    big = [aes_key_wrap(tk, os.urandom(16)) for _ in range(40_000)]
+    with HsmWorkers(settings, 1) as pool:
+        future = pool.submit(run_rewrap, _job(settings, transport, big))
+        deadline = time.monotonic() + 30
+        while not _workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        for worker in _workers():
+            os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(TransientHsmError, match="worker process died"):
+            pool.result(future)
+        again = pool.result(pool.submit(run_rewrap, _job(settings, transport, big[:100])))
+    assert len(again) == 100 and all(again)
+
+
+def test_workers_are_replaced_after_a_bounded_number_of_jobs(settings, transport) -> None:  # type: ignore[no-untyped-def]
+    tk = transport[2]
+    keys = [aes_key_wrap(tk, os.urandom(16)) for _ in range(50)]
+    recycling = settings.model_copy(update={"worker_recycle_jobs": 2})
+    seen: set[int] = set()
+    with HsmWorkers(recycling, 1) as pool:
+        for _ in range(6):
+            assert all(pool.result(pool.submit(run_rewrap, _job(recycling, transport, keys))))
+            seen.update(p.pid for p in _workers())
+    assert len(seen) >= 3, seen
+
+
+def test_a_permanent_error_in_a_worker_reaches_the_caller_as_itself(settings, transport) -> None:  # type: ignore[no-untyped-def]
+    oaep, wrapped, _ = transport
+    job = RewrapJob("no-such-import-key", oaep, wrapped, [b"\0" * 24],
+                    settings.storage_kek_label)
+    with HsmWorkers(settings, 1) as pool:
+        with pytest.raises(KeyNotFound) as info:
+            pool.result(pool.submit(run_rewrap, job))
+        assert info.value.label == "no-such-import-key"
+        # The pool is not broken: the next job runs on the same workers.
+        assert len(pool.result(pool.submit(run_rewrap, _job(settings, transport, [])))) == 0
+
+
+ATTEMPTS: list[int] = []
+
+
+def test_a_permanent_error_in_a_worker_is_not_retried_by_prefect(
+        settings, transport, prefect_server) -> None:  # type: ignore[no-untyped-def]
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    from tasks.context import retry_on_transient
+
+    oaep, wrapped, _ = transport
+    job = RewrapJob("no-such-import-key", oaep, wrapped, [b"\0" * 24],
+                    settings.storage_kek_label)
+
+    @task(persist_result=False, cache_policy=NO_CACHE, retries=3, retry_delay_seconds=0,
+          retry_condition_fn=retry_on_transient)
+    def rewrap_on_workers() -> None:
+        ATTEMPTS.append(1)
+        with HsmWorkers(settings, 1) as pool:
+            pool.result(pool.submit(run_rewrap, job))
+
+    @flow(persist_result=False)
+    def one_chunk() -> None:
+        rewrap_on_workers()
+
+    ATTEMPTS.clear()
+    state = one_chunk(return_state=True)
+    assert state.is_failed()
+    with pytest.raises(KeyNotFound):
+        state.result()
+    assert len(ATTEMPTS) == 1

@@ -1,0 +1,88 @@
+"""Who may do what: the permission table as a scenario table."""
+
+from __future__ import annotations
+
+import pytest
+
+from lifecycle import principals
+from lifecycle.principals import AUDITOR, OPERATOR, PERMISSIONS, ROLES, SECURITY_OFFICER, may
+
+SO, OP, AU = SECURITY_OFFICER, OPERATOR, AUDITOR
+
+SCENARIOS = [
+    # HSM and vendor keys: the security officer only.
+    pytest.param(SO, "hsm.init", True, id="so-hsm-init"),
+    pytest.param(OP, "hsm.init", False, id="operator-no-hsm-init"),
+    pytest.param(AU, "hsm.init", False, id="auditor-no-hsm-init"),
+    pytest.param(SO, "hsm.backup", True, id="so-hsm-backup"),
+    pytest.param(OP, "hsm.backup", False, id="operator-no-hsm-backup"),
+    pytest.param(SO, "hsm.restore", True, id="so-hsm-restore"),
+    pytest.param(OP, "hsm.restore", False, id="operator-no-hsm-restore"),
+    pytest.param(AU, "hsm.restore", False, id="auditor-no-hsm-restore"),
+    pytest.param(SO, "vendor.add", True, id="so-vendor-add"),
+    pytest.param(OP, "vendor.add", False, id="operator-no-vendor-add"),
+    pytest.param(SO, "vendor.import-key", True, id="so-vendor-import-key"),
+    pytest.param(OP, "vendor.import-key", False, id="operator-no-vendor-import-key"),
+    pytest.param(AU, "vendor.import-key", False, id="auditor-no-vendor-import-key"),
+    # Daily work: operators import and read meters.
+    pytest.param(OP, "batch.import", True, id="operator-batch-import"),
+    pytest.param(SO, "batch.import", True, id="so-batch-import"),
+    pytest.param(AU, "batch.import", False, id="auditor-no-batch-import"),
+    pytest.param(OP, "meter.read", True, id="operator-meter-read"),
+    pytest.param(AU, "meter.read", True, id="auditor-meter-read"),
+    pytest.param(SO, "meter.read", True, id="so-meter-read"),
+    pytest.param(OP, "audit.checkpoint", True, id="operator-audit-checkpoint"),
+    pytest.param(AU, "audit.checkpoint", False, id="auditor-no-audit-checkpoint"),
+    # Review: auditors read and verify the trail; operators do not.
+    pytest.param(AU, "audit.read", True, id="auditor-audit-read"),
+    pytest.param(AU, "audit.verify", True, id="auditor-audit-verify"),
+    pytest.param(OP, "audit.read", False, id="operator-no-audit-read"),
+    pytest.param(OP, "audit.verify", False, id="operator-no-audit-verify"),
+    pytest.param(SO, "audit.verify", True, id="so-audit-verify"),
+    pytest.param(AU, "principal.read", True, id="auditor-principal-read"),
+    pytest.param(OP, "principal.read", False, id="operator-no-principal-read"),
+    # Principals: the security officer only.
+    pytest.param(SO, "principal.manage", True, id="so-principal-manage"),
+    pytest.param(OP, "principal.manage", False, id="operator-no-principal-manage"),
+    pytest.param(AU, "principal.manage", False, id="auditor-no-principal-manage"),
+    # No role (unknown or disabled principal), or a role that does not exist: nothing.
+    pytest.param(None, "meter.read", False, id="none-no-meter-read"),
+    pytest.param(None, "audit.read", False, id="none-no-audit-read"),
+    pytest.param("root", "hsm.init", False, id="unknown-role-no-hsm-init"),
+    pytest.param("Security-Officer", "hsm.init", False, id="role-case-matters"),
+]
+
+
+@pytest.mark.parametrize(("who", "action", "allowed"), SCENARIOS)
+def test_who_may_do_what(who: str | None, action: str, allowed: bool) -> None:
+    assert may(who, action) is allowed
+
+
+def test_required_actions_are_in_the_table() -> None:
+    required = {"hsm.init", "hsm.backup", "hsm.restore", "vendor.add", "vendor.import-key",
+                "batch.import", "meter.read", "audit.read", "audit.verify", "principal.manage"}
+    assert required <= set(PERMISSIONS)
+
+
+def test_security_officer_may_do_everything() -> None:
+    assert [a for a in PERMISSIONS if not may(SO, a)] == []
+
+
+def test_auditor_only_reads() -> None:
+    allowed = {a for a in PERMISSIONS if may(AU, a)}
+    assert allowed == {"meter.read", "audit.read", "audit.verify", "principal.read"}
+
+
+def test_every_role_in_the_table_exists() -> None:
+    assert set().union(*PERMISSIONS.values()) <= set(ROLES)
+
+
+def test_unknown_action_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="unknown action"):
+        may(SO, "audit.delete")
+
+
+def test_no_action_rewrites_the_trail() -> None:
+    assert not [a for a in PERMISSIONS if a.startswith("audit.") and
+                a not in {"audit.read", "audit.verify", "audit.checkpoint"}]
+    assert principals.ROLES == ("security-officer", "operator", "auditor")
