@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/import_bench.py --meters 100000 --workers 2
 
-In one run: generate a suite-0 batch (CSV), measure the HSM ceiling for the same work (a tight
-python-pkcs11 loop of AES key unwrap + re-wrap + destroy, four keys a meter) in one process and
-in N spawned processes, then import the batch through the factory-import flow with N HSM
-workers. The last line printed is JSON: meters, seconds, meters_per_s, workers,
+In one run: generate a suite-0 batch (CSV), measure the HSM ceiling for the same HSM work (a
+tight loop of AES key unwrap + re-wrap under the key's storage KEK + destroy + AES-CMAC binding
+of the blob, four keys a meter, through the HSM layer with no pool, database or Prefect) in one
+process and in N spawned processes, then import the batch through the factory-import flow with
+N HSM workers. The last line printed is JSON: meters, seconds, meters_per_s, workers,
 hsm_ceiling_meters_per_s (one process), hsm_ceiling_workers_meters_per_s (N processes), ratio
 (import / N-process ceiling), peak_rss_mb (largest resident set of the flow process and of
 each HSM worker, sampled; the Prefect server is not counted).
@@ -31,38 +32,35 @@ KEYS_PER_METER = 4
 
 
 def _ceiling_worker(args: tuple[dict[str, str], int, bytes, bytes, float]) -> tuple[int, float]:
-    """Unwrap + re-wrap + destroy in a tight loop, as python-pkcs11 allows it, until ``until``."""
+    """The import's HSM work for ``n_keys`` keys in a tight loop, nothing else, from ``start_at``.
+
+    Per key, as an HSM worker does it: AES key unwrap from the transport key, wrap under the
+    storage KEK of its key id, destroy, and an AES-CMAC binding the blob to its meter (the
+    binding message built as the import builds it). Lists of 5,000 keys, one lock hold each.
+    """
     env, n_keys, wrapped_transport, probe, start_at = args
     os.environ.update(env)
-    import pkcs11
-    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-
     from lifecycle.config import load_settings
+    from lifecycle.hsm.connection import Hsm
+    from lifecycle.meter_keys.binding import BlobContext, message
+    from lifecycle.policy import KeyId, storage_kek_role
 
     s = load_settings()
-    os.environ["SOFTHSM2_CONF"] = str(s.softhsm_conf_path)
-    token = pkcs11.lib(str(s.module_path)).get_token(token_label=s.token_label)
-    with token.open(rw=True, user_pin=s.user_pin()) as session:
-        kek = session.get_key(label=s.storage_kek_label, object_class=ObjectClass.SECRET_KEY)
-        private = session.get_key(label=env["BENCH_IMPORT_LABEL"],
-                                  object_class=ObjectClass.PRIVATE_KEY)
-        hash_mech = Mechanism.SHA256 if env["BENCH_OAEP"] == "sha256" else Mechanism.SHA_1
-        mgf = pkcs11.MGF.SHA256 if env["BENCH_OAEP"] == "sha256" else pkcs11.MGF.SHA1
-        transport = private.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, wrapped_transport,  # type: ignore[attr-defined]
-                                       mechanism=Mechanism.RSA_PKCS_OAEP,
-                                       mechanism_param=(hash_mech, mgf, None),
-                                       template={Attribute.TOKEN: False})
-        template = {Attribute.TOKEN: False, Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: True}
+    chunk = 5000
+    targets = [s.kek_label(storage_kek_role(KeyId(i % KEYS_PER_METER))) for i in range(chunk)]
+    with Hsm.open(s).session() as session:
+        transport = session.unwrap_rsa_oaep(env["BENCH_IMPORT_LABEL"], wrapped_transport,
+                                            oaep_hash=env["BENCH_OAEP"])
         while time.time() < start_at:
             time.sleep(0.001)
         t0 = time.perf_counter()
-        for _ in range(n_keys):
-            key = transport.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, probe,  # type: ignore[attr-defined]
-                                       mechanism=Mechanism.AES_KEY_WRAP, template=template)
-            kek.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP)  # type: ignore[attr-defined]
-            key.destroy()
-        return n_keys, time.perf_counter() - t0
+        for done in range(0, n_keys, chunk):
+            blobs = session.rewrap(transport, [probe] * chunk, targets)
+            contexts = [BlobContext(f"BEN{done + i:010d}", "42454E0000000000", i % 4, 1,
+                                    targets[i]) for i in range(chunk)]
+            session.mac(s.blob_mac_label, [message(c, b or b"") for c, b in
+                                            zip(contexts, blobs, strict=True)])
+        return len(range(0, n_keys, chunk)) * chunk, time.perf_counter() - t0
 
 
 def ceiling(processes: int, n_keys: int, env: dict[str, str], wrapped_transport: bytes,

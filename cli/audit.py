@@ -24,20 +24,22 @@ EXIT_BROKEN = 2
 def verify(
     public_key: Path | None = typer.Option(
         None, "--public-key", exists=True, dir_okay=False,
-        help="PEM of the audit public key (default: read it from the token)"),
+        help="PEM of the audit public key (default: read it from the token); it must be the "
+             "key pinned by hsm init"),
 ) -> None:
-    """Verify every event, the head and every signed checkpoint (exit 2 when broken)."""
+    """Verify every event, the head and every signed checkpoint against the pinned audit key
+    and the witness (exit 2 when broken)."""
     actor = authorize("audit.verify")
-    pem = (public_key.read_text(encoding="ascii") if public_key is not None
-           else steps.audit_public_key(settings()))
+    pem = public_key.read_text(encoding="ascii") if public_key is not None else None
     try:
-        count = steps.verify_trail(engine(), pem)
+        count = steps.verify_trail(settings(), engine(), pem)
     except AuditError as exc:
         steps.note_verification(engine(), actor, "failed", {"seq": exc.seq, "reason": exc.reason},
                                 utcnow())
         raise fail(exc, EXIT_BROKEN) from None
     steps.note_verification(engine(), actor, "ok", {"events": count}, utcnow())
-    console.print(f"audit trail intact: {count} events verified")
+    console.print(f"audit trail intact: {count} events verified against the pinned audit key "
+                  f"and the witness in {settings().witness_path}")
 
 
 @app.command("list")
@@ -66,7 +68,7 @@ def list_events(
 @app.command("checkpoint")
 @reports_errors
 def checkpoint_now() -> None:
-    """Sign the current head with the HSM audit key now."""
+    """Sign the current head with the HSM audit key now and hand it to the witness."""
     actor = authorize("audit.checkpoint")
     made = steps.sign_checkpoint(settings(), engine(), actor, utcnow())
     if made is None:

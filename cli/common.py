@@ -50,7 +50,7 @@ def authorize(action: str) -> Actor:
 
 def fail(exc: MeterkeysError, code: int = 1) -> typer.Exit:
     """Print a project error (never a traceback) and return the exit to raise."""
-    err_console.print(f"[bold red]error:[/] {exc}")
+    err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # one line, any width
     return typer.Exit(code)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -38,10 +41,11 @@ def run_import(file: Path, vendor: str, mapping: Path | None,
     watcher = threading.Thread(target=_watch, args=(file, vendor, stop), daemon=True)
     watcher.start()
     try:
-        state = factory_import(file=str(file.resolve()), vendor=vendor,
-                               principal=principal_name(),
-                               mapping=str(mapping) if mapping else None, workers=workers,
-                               return_state=True)
+        with _quiet_run_errors():
+            state = factory_import(file=str(file.resolve()), vendor=vendor,
+                                   principal=principal_name(),
+                                   mapping=str(mapping) if mapping else None, workers=workers,
+                                   return_state=True)
     finally:
         stop.set()
         watcher.join()
@@ -55,6 +59,30 @@ def run_import(file: Path, vendor: str, mapping: Path | None,
         err_console.print(f"[bold red]flow failed:[/] {exc}")
         raise typer.Exit(1) from None
     raise typer.Exit(1)
+
+
+class _NoRunErrors(logging.Filter):
+    """Keep flow- and task-run errors (with their tracebacks) off the terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR
+                    and record.name.startswith(("prefect.flow_runs", "prefect.task_runs")))
+
+
+@contextlib.contextmanager
+def _quiet_run_errors() -> Iterator[None]:
+    # Prefect's run loggers send to the API (kept: the run's history shows the traceback) and
+    # propagate to the root logger's console handler, which prints ~70 lines of traceback
+    # before the command's own one-line error. Only the console handlers are filtered.
+    handlers = list(logging.getLogger().handlers)
+    quiet = _NoRunErrors()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def _watch(file: Path, vendor: str, stop: threading.Event) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import audit, demo, hsm, importing, meters, principal, serve, vendor
+from cli import audit, demo, hsm, importing, inventory, meters, principal, serve, vendor
 
 app = typer.Typer(help="meterkeys: key lifecycle management for smart-meter fleets",
                   no_args_is_help=True)
@@ -12,6 +12,7 @@ app.add_typer(hsm.app, name="hsm")
 app.add_typer(vendor.app, name="vendor")
 app.add_typer(meters.app, name="meters")
 app.add_typer(audit.app, name="audit")
+app.add_typer(inventory.app, name="inventory")
 app.add_typer(principal.app, name="principal")
 app.command("import")(importing.import_file)
 app.command("demo")(demo.demo)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lifecycle.config import load_settings
+from lifecycle.config import load_settings, private_umask
 
 
 def configure() -> None:
@@ -14,6 +14,9 @@ def configure() -> None:
     Prefect reads its settings when it is first imported, so this runs before any module of
     the command line imports it (``cli/__init__.py``).
     """
+    # Everything the command line creates (home, token, PIN files, inventory, backups) is
+    # private to its owner: set before the first directory is made.
+    private_umask()
     settings = load_settings()
     os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)

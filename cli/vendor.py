@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from cli.common import authorize, console, engine, reports_errors, settings
+from lifecycle.clock import utcnow
 from lifecycle.factory_import import vendor as vendor_steps
 from lifecycle.factory_import.reader import Mapping
 from lifecycle.inventory import vendors
@@ -26,11 +27,10 @@ def add(name: str = typer.Argument(..., help="vendor name, e.g. acme"),
                                      help="TOML mapping of the vendor's file onto the "
                                           "canonical batch fields")) -> None:
     """Onboard a vendor: its manifest signing key and its file mapping."""
-    authorize("vendor.add")
-    text = mapping.read_text(encoding="utf-8")
-    Mapping.parse(text, str(mapping))
-    with transaction(engine()) as session:
-        vendors.add_vendor(session, name, signing_key.read_text(encoding="utf-8"), text)
+    actor = authorize("vendor.add")
+    vendor_steps.add_vendor(engine(), actor, name, signing_key.read_text(encoding="utf-8"),
+                            mapping.read_text(encoding="utf-8"), source=str(mapping),
+                            at=utcnow())
     console.print(f"vendor [bold]{name}[/] added")
 
 
@@ -40,8 +40,8 @@ def import_key(name: str = typer.Argument(..., help="vendor name"),
                out: Path = typer.Option(..., help="where to write the public key PEM for the "
                                                   "manufacturer")) -> None:
     """Generate (once) the vendor's RSA import key pair in the HSM and export its public key."""
-    authorize("vendor.import-key")
-    pem, oaep = vendor_steps.ensure_import_key(engine(), settings(), name)
+    actor = authorize("vendor.import-key")
+    pem, oaep = vendor_steps.issue_import_key(engine(), settings(), actor, name, at=utcnow())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(pem)
     console.print(f"import public key of [bold]{name}[/] written to {out}; the manufacturer "

@@ -11,6 +11,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from tasks import audit, hsm
 from tasks import factory_import as t
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ IN_FLIGHT_PER_WORKER = 2
 
 
 @flow(name="factory-import", task_runner=ThreadPoolTaskRunner(max_workers=6),  # type: ignore[arg-type]
-      persist_result=False)
+      persist_result=False, on_failure=[audit.close_failed_run])
 def factory_import(file: str, vendor: str, principal: str, mapping: str | None = None,
                    workers: int | None = None) -> dict[str, Any]:
     """Verify a factory batch and take its meters' keys into custody, chunk by chunk.
@@ -33,9 +34,10 @@ def factory_import(file: str, vendor: str, principal: str, mapping: str | None =
         workers: HSM worker processes (default: from settings, the number of cores).
     """
     actor = t.authorize(principal, "batch.import")
+    hsm.check_keys()
     plan = t.verify_batch(file, vendor, actor, mapping)
     if not plan.completed:
-        _import_chunks(plan, file, mapping, workers, actor)
+        _import_chunks(plan, mapping, workers, actor)
     summary = t.finish_batch(plan, actor)
     t.publish_report(summary)
     return {"batch_id": summary.batch_id, "file": summary.file, "records": summary.record_count,
@@ -43,16 +45,15 @@ def factory_import(file: str, vendor: str, principal: str, mapping: str | None =
             "by_suite": summary.by_suite}
 
 
-def _import_chunks(plan: Any, file: str, mapping: str | None, workers: int | None,
-                   actor: Any) -> None:
+def _import_chunks(plan: Any, mapping: str | None, workers: int | None, actor: Any) -> None:
     progress: Any = create_progress_artifact(progress=0.0, key=f"import-progress-{plan.batch_id}")
     pending: deque[PrefectFuture[ChunkResult]] = deque()
     done = 0
     with t.open_workers(workers) as pool:
         order = t.chunk_order()
-        manifest = t.manifest(plan, file)
+        manifest = t.manifest(plan)
         ahead = IN_FLIGHT_PER_WORKER * max(1, pool.workers)
-        for chunk in t.chunks(plan, file, mapping):
+        for chunk in t.chunks(plan, mapping):
             pending.append(t.import_chunk.submit(  # type: ignore[call-overload]
                 plan, manifest, quote(chunk), quote(pool), quote(order), actor))
             while len(pending) > ahead:

@@ -3,12 +3,20 @@
 Every field comes from the environment (prefix ``METERKEYS_``) or a ``.env`` file. PINs come from
 the environment or from a file (mode 0600) and are never defaulted in code; placeholders are
 rejected.
+
+Files (``ensure_private_home``, ``private_umask``): the state directory (``METERKEYS_HOME``) holds
+the token, the PIN files and the inventory, so it is made 0700 and every process that writes
+into it runs under umask 077; a home that others can read or enter is refused rather than
+silently tightened, since its contents may already have been copied. The simulated parties'
+files (manufacturers' signing keys, factory CAs, meter secrets) live in ``simulation_dir``,
+never under the home: they stand for other organisations' secrets.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,6 +60,17 @@ class Settings(BaseSettings):
     blob_mac_label: str = "meterkeys-blob-mac"
     audit_key_label: str = "meterkeys-audit-signing"
     audit_checkpoint_every: int = Field(default=10000, ge=1)
+    witness_kind: Literal["file", "file+syslog"] = Field(
+        default="file", description="where signed audit heads also go: the witness file, or "
+                                    "the file and a syslog sink (verify reads the file)")
+    witness_dir: Path | None = Field(default=None, description="folder of the audit witness "
+                                     "file, outside the inventory (default: <home>/witness)")
+    witness_syslog_address: str = Field(default="localhost:514", description="syslog sink of "
+                                        "the witness: host:port (UDP) or a socket path")
+    keep_so_pin: bool = Field(default=False, description="keep the generated SO PIN file after "
+                                                         "token initialisation")
+    simulation_home: Path | None = Field(default=None, description="files of the simulated "
+                                         "manufacturers and meters (default: <home>-simulation)")
 
     # --- derived paths -------------------------------------------------------------------------
     @property
@@ -61,6 +80,13 @@ class Settings(BaseSettings):
     @property
     def secrets_dir(self) -> Path:
         return self.home_dir / "secrets"
+
+    @property
+    def witness_path(self) -> Path:
+        """Return the audit witness's folder: configured, or ``<home>/witness``."""
+        if self.witness_dir is not None:
+            return self.witness_dir.expanduser().resolve()
+        return self.home_dir / "witness"
 
     @property
     def module_path(self) -> Path:
@@ -97,6 +123,33 @@ class Settings(BaseSettings):
     @property
     def prefect_home(self) -> Path:
         return self.home_dir / "prefect"
+
+    @property
+    def simulation_dir(self) -> Path:
+        """Return the simulated parties' directory: beside the home, never inside it.
+
+        Raises:
+            ConfigError: the configured simulation home lies inside the state directory.
+        """
+        home = self.home_dir
+        sim = (self.simulation_home.expanduser().resolve() if self.simulation_home is not None
+               else home.with_name(f"{home.name}-simulation"))
+        if sim.is_relative_to(home):
+            raise ConfigError(f"simulation home {sim} lies inside METERKEYS_HOME {home}: the "
+                              "simulated manufacturers' and meters' secrets must live apart")
+        return sim
+
+    def kek_label(self, role: str) -> str:
+        """Return the label of the storage KEK of a role (``policy.storage_kek_role``).
+
+        Raises:
+            ConfigError: no such role.
+        """
+        labels = {"storage-kek": self.storage_kek_label,
+                  "storage-kek-master": self.master_kek_label}
+        if role not in labels:
+            raise ConfigError(f"no storage KEK role {role!r}")
+        return labels[role]
 
     # --- secrets -------------------------------------------------------------------------------
     def user_pin(self) -> str:
@@ -139,6 +192,48 @@ def check_secret(what: str, secret: str, source: str) -> None:
         raise ConfigError(f"{what} from {source} is shorter than {MIN_PIN_LENGTH} characters")
     if secret.lower() in PLACEHOLDER_PINS:
         raise ConfigError(f"{what} from {source} is a placeholder; choose a real one")
+
+
+PRIVATE_UMASK = 0o077
+
+
+def private_umask() -> None:
+    """Make every file and directory this process creates private to its owner (umask 077).
+
+    Set at the edges (command line, task context, HSM workers): the token files, PIN files,
+    SQLite inventory, backups and staged deliveries are all created by these processes.
+    """
+    os.umask(PRIVATE_UMASK)
+
+
+def ensure_private_home(settings: Settings) -> Path:
+    """Create the state directory with mode 0700 if absent; refuse one that others may use.
+
+    Raises:
+        ConfigError: the home exists but is not a directory, is not owned by this user, or
+            grants any permission to group or others.
+    """
+    return ensure_private_dir(settings.home_dir, "METERKEYS_HOME")
+
+
+def ensure_private_dir(path: Path, what: str) -> Path:
+    """Create ``path`` (and missing parents) with mode 0700 if absent; refuse a shared one.
+
+    Raises:
+        ConfigError: ``path`` is not a directory, not owned by this user, or not 0700-tight.
+    """
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask; make it exact
+    info = path.stat()
+    if not path.is_dir():
+        raise ConfigError(f"{what} {path} is not a directory")
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"{what} {path} belongs to another user (uid {info.st_uid})")
+    if info.st_mode & 0o077:
+        raise ConfigError(f"{what} {path} is open to other users (mode "
+                          f"{info.st_mode & 0o777:04o}); make it private: chmod 700 {path}")
+    return path
 
 
 def load_settings(**overrides: object) -> Settings:

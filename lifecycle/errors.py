@@ -7,7 +7,8 @@
     │   ├── TransientHsmError       worth a retry: session closed, device busy, worker died
     │   └── PermanentHsmError       do not retry: wrong PIN, missing key, bad mechanism
     │       ├── KeyNotFound         no object with that label
-    │       └── IntegrityError      an unwrap or signature check failed (tampering, wrong key)
+    │       ├── IntegrityError      an unwrap or signature check failed (tampering, wrong key)
+    │       └── KeyPolicyError      a long-lived key missing, substituted or weaker than policy
     ├── InventoryError              a database constraint or state rule was broken
     ├── AccessDenied                the principal's role may not perform the operation
     ├── AuditError                  the audit trail is broken (names the first bad event)
@@ -85,6 +86,17 @@ class KeyNotFound(PermanentHsmError):
 
 class IntegrityError(PermanentHsmError):
     """An unwrap integrity check or signature verification failed."""
+
+
+class KeyPolicyError(PermanentHsmError):
+    """A long-lived key is missing, duplicated, substituted, or weaker than policy."""
+
+    def __init__(self, key: str, label: str, reason: str) -> None:
+        self.operation = "key check"
+        self.cause = reason
+        self.label = label
+        self.key = key
+        Exception.__init__(self, f"{key} {label!r}: {reason}")
 
 
 class InventoryError(MeterkeysError):

@@ -4,7 +4,8 @@ Roles:
     security-officer  holds the HSM (token PINs, backups), onboards vendors, manages principals.
     operator          runs the fleet's daily work: imports factory batches, reads meters,
                       signs audit checkpoints.
-    auditor           reads: meters, the audit trail and the principals; verifies the trail.
+    auditor           reads: meters, the audit trail and the principals; verifies the trail and
+                      the key blobs' bindings.
 
 The security officer may perform every action, audit reading and verifying included. That is a
 decision, not an oversight: the officer holds the token's PINs and may create principals of any
@@ -54,6 +55,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "meter.read": frozenset(ROLES),
     "audit.read": frozenset({SECURITY_OFFICER, AUDITOR}),
     "audit.verify": frozenset({SECURITY_OFFICER, AUDITOR}),
+    "inventory.verify": frozenset({SECURITY_OFFICER, AUDITOR}),
     "principal.read": frozenset({SECURITY_OFFICER, AUDITOR}),
 }
 

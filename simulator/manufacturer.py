@@ -6,8 +6,10 @@ for the simulated meters only, ``<data file>.meter-secrets.jsonl`` with the plai
 meter holds. Generation streams: rows are written as they are made, so a batch of a million
 meters needs no more memory than a batch of ten.
 
-This is test and demo code; its keys live in PEM files in the manufacturer's directory.
-It never imports prefect or pkcs11.
+This is test and demo code; its keys live in PEM files in the manufacturer's directory (0700,
+files 0600), and the meter-secrets files are 0600. Both stand for other organisations' secrets:
+they belong in the simulation directory (``Settings.simulation_dir``), never under the DSO's
+``METERKEYS_HOME``. It never imports prefect or pkcs11.
 """
 
 from __future__ import annotations
@@ -203,7 +205,8 @@ class _Files:
 
     def __init__(self, data: Path, secrets: Path, mapping: VendorMapping) -> None:
         self.data = _WRITERS[mapping.format](data, mapping)
-        self.secrets = secrets.open("w", encoding="utf-8", newline="\n")
+        self.secrets = os.fdopen(os.open(secrets, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                                 "w", encoding="utf-8", newline="\n")
 
     def __enter__(self) -> _Files:
         return self
@@ -231,10 +234,10 @@ def _load_or_make_key(path: Path, curve: str) -> ec.EllipticCurvePrivateKey:
     if path.exists():
         return _load_key(path)
     key = ec.generate_private_key(CURVES[curve][0]())
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
+    # Created 0600, never written world-readable first.
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
     return key
 
 
@@ -386,7 +389,7 @@ class Manufacturer:
         """
         if curve not in CURVES:
             raise ValueError(f"curve {curve!r} is not one of {sorted(CURVES)}")
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = _load_or_make_key(_signing_key_path(directory, vendor), curve)
         if not isinstance(key.curve, CURVES[curve][0]):
             raise ValueError(f"{vendor}: stored signing key is on {key.curve.name}, not {curve}")

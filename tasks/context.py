@@ -9,15 +9,22 @@ from typing import Any
 from prefect import runtime
 
 from lifecycle.clock import utcnow
-from lifecycle.config import Settings, load_settings
+from lifecycle.config import Settings, ensure_private_home, load_settings, private_umask
 from lifecycle.errors import TransientHsmError
 from lifecycle.inventory.db import Engine, make_engine, migrate
 
 
 @cache
 def settings() -> Settings:
-    """Read the settings once per process (at the edge, not at import)."""
-    return load_settings()
+    """Read the settings once per process (at the edge, not at import), under umask 077.
+
+    Raises:
+        ConfigError: the state directory is open to other users.
+    """
+    private_umask()
+    loaded = load_settings()
+    ensure_private_home(loaded)
+    return loaded
 
 
 @cache

@@ -28,14 +28,15 @@ RETRY_DELAYS = [1.0, 2.0, 4.0]
 def authorize(principal: str, action: str) -> Actor:
     """Check that the principal may perform the action (refusals are audited)."""
     return principals.authorize(context.engine(), principal, action,
-                          flow_run_id=context.flow_run_id(), at=context.now())
+                                flow_run_id=context.flow_run_id(), at=context.now())
 
 
 @task(name="verify-batch", persist_result=False, cache_policy=NO_CACHE, retries=3,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=context.retry_on_transient)
 def verify_batch(file: str, vendor: str, actor: Actor,
                  mapping: str | None) -> intake.BatchPlan:
-    """Verify the manifest, checksum, record count and transport key; register the batch."""
+    """Stage the delivery privately, verify its manifest, checksum, record count and transport
+    key, and register the batch; later tasks read only the staged copy the plan names."""
     eng, settings = context.engine(), context.settings()
     plan = intake.verify_batch(eng, settings, actor, Path(file), vendor,
                                intake.load_mapping(eng, vendor, mapping), context.now())
@@ -44,17 +45,18 @@ def verify_batch(file: str, vendor: str, actor: Actor,
     return plan
 
 
-def chunks(plan: intake.BatchPlan, file: str, mapping: str | None) -> Iterator[Chunk]:
-    """Read the batch file in chunks of canonical, field-checked records."""
+def chunks(plan: intake.BatchPlan, mapping: str | None) -> Iterator[Chunk]:
+    """Read the staged batch file in chunks of canonical, field-checked records."""
     settings = context.settings()
     parsed = intake.load_mapping(context.engine(), plan.vendor, mapping)
-    return read_chunks(Path(file), parsed, settings.chunk_size)
+    return read_chunks(Path(plan.staged_file), parsed, settings.chunk_size)
 
 
-def manifest(plan: intake.BatchPlan, file: str) -> Manifest:
-    """Load the verified manifest once for the chunks of a run (it holds the transport key
-    RSA-wrapped only; it is passed to tasks in memory, never returned by one)."""
-    return intake.load_manifest(context.engine(), context.settings(), Path(file), plan.vendor)
+def manifest(plan: intake.BatchPlan) -> Manifest:
+    """Load the verified (staged) manifest once for the chunks of a run (it holds the transport
+    key RSA-wrapped only; it is passed to tasks in memory, never returned by one)."""
+    return intake.load_manifest(context.engine(), context.settings(), Path(plan.staged_file),
+                                plan.vendor)
 
 
 def chunk_order() -> intake.ChunkOrder:

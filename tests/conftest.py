@@ -23,6 +23,9 @@ os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
 os.environ["METERKEYS_HOME"] = str(_SESSION_DIR / "home")
 os.environ.pop("METERKEYS_PIN", None)
 os.environ.pop("METERKEYS_DATABASE_URL", None)
+# The secrets scan looks for the SO PIN too, so the session keeps its file (hsm init removes
+# it by default; tests/integration/installation/test_files.py covers that).
+os.environ["METERKEYS_KEEP_SO_PIN"] = "true"
 
 PG_URL = os.environ.get("METERKEYS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -128,14 +131,24 @@ def fleet(settings, engine, db_url, manufacturers, monkeypatch):  # type: ignore
     HSM import keys, and the task context pointed at this test's database."""
     from lifecycle import principals
     from lifecycle.factory_import.vendor import ensure_import_key
-    from lifecycle.inventory import db, vendors
+    from lifecycle.installation import steps as installation
+    from lifecycle.inventory import db, hsm_keys, vendors
     from tasks import context
 
     monkeypatch.setenv("METERKEYS_DATABASE_URL", db_url)
+    # Each test's inventory is an installation of its own, so it gets an audit witness of its own.
+    witness = tempfile.mkdtemp(dir=_SESSION_DIR, prefix="witness-")
+    monkeypatch.setenv("METERKEYS_WITNESS_DIR", witness)
+    settings = settings.model_copy(update={"witness_dir": Path(witness)})
     context.reset()
     with db.transaction(engine) as session:
         principals.add_principal(session, "test-operator", "operator")
         principals.add_principal(session, "test-auditor", "auditor")
+        pin = audit_pin(settings)  # as hsm init pins it: audit verify checks the key against it
+        hsm_keys.put_pin(session, pin.role, pin.label, pin.key_id, pin.check_value)
+    # As `meterkeys hsm init` does for an installation: pin every long-lived key of the session
+    # token in this test's inventory, so that flows find their keys pinned.
+    installation.init(settings, engine, make_pin_files=False)
     keys = {}
     for vendor, maker in manufacturers.items():
         with db.transaction(engine) as session:
@@ -145,6 +158,13 @@ def fleet(settings, engine, db_url, manufacturers, monkeypatch):  # type: ignore
         keys[vendor] = (pem.decode(), oaep)
     yield Fleet(settings, engine, db_url, manufacturers, keys)
     context.reset()
+
+
+def audit_pin(settings):  # type: ignore[no-untyped-def]
+    """The audit key's pin (role, label, CKA_ID, check value), read from the session token."""
+    from lifecycle.hsm import provision
+
+    return next(s.pin for s in provision.ensure_keys(settings) if s.role == "audit-signing")
 
 
 class Fleet:

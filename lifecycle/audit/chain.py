@@ -8,8 +8,20 @@ outcome, meter_serial, batch_id, key_version_id, flow_run_id, detail``. ``at`` i
 with microseconds; ``detail`` is the canonical JSON *text* exactly as stored, so any byte changed
 in the stored detail breaks the chain.
 
-Checkpoints are ECDSA P-256 signatures over ``SHA-256(seq as 8 bytes big-endian || raw 32-byte
-head hash)``.
+A checkpoint is an ECDSA P-256 signature, made in the HSM with the audit key, over a
+domain-separated digest: SHA-256 of the canonical JSON (as above, ASCII) of ``purpose``
+(``meterkeys-audit-checkpoint/1``), ``installation`` (the inventory's UUID), ``seq``, ``head``
+(hex) and ``time`` (ISO 8601 UTC, microseconds). The purpose keeps the audit key's signature on
+a checkpoint from ever meaning anything else (a backup manifest signs its own prefix), and the
+installation keeps one installation's checkpoints from verifying in another.
+
+Signed heads also go to a witness outside the inventory (``lifecycle.audit.witness``).
+``verify_chain`` checks the events against it: every witnessed head must be the chain's hash at
+its seq and a checkpoint the inventory still holds, and no witnessed seq may lie beyond the last
+event. That is what a database writer cannot rewrite: an event re-chained (and re-signed, with the
+PIN) no longer matches the head witnessed earlier, a truncated or emptied trail lacks a witnessed
+seq. Events after the last witnessed head are protected by the chain alone until the next
+checkpoint.
 
 Details never hold key material (DESIGN: no plaintext or wrapped key in the database): a detail
 is refused when a field name has a word *key*, *keys*, *kek*, *pin*, *blob*, *secret*, *wrapped*,
@@ -18,7 +30,8 @@ word marks a reference (``key_id``, ``kek_label``, ``key_version``, ``blob_count
 a value is bytes or a string containing a run of 32 or more hex digits (an AES-128 key in hex;
 this also refuses SHA-256 checksums and undashed UUIDs: name those through ``batch_id`` etc.).
 
-Nothing here reads a database or an HSM: rows, checkpoints and the head are handed in.
+Nothing here reads a database, a file or an HSM: rows, checkpoints, the head and what the witness
+holds are handed in.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from lifecycle.errors import AuditError
 
 GENESIS = "0" * 64
+CHECKPOINT_PURPOSE = "meterkeys-audit-checkpoint/1"
 OUTCOMES = ("ok", "denied", "failed")
 EVENT_FIELDS = ("action", "outcome", "meter_serial", "batch_id", "key_version_id", "detail")
 
@@ -50,6 +64,7 @@ _REFERENCE_WORDS = frozenset({"id", "ids", "label", "labels", "version", "versio
                               "state", "states"})
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 _HEX_RUN = re.compile(r"[0-9a-fA-F]{32,}")
+_HEAD = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -158,9 +173,32 @@ def event_hash(prev_hash: str, event: Mapping[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + body.encode("utf-8")).hexdigest()
 
 
-def checkpoint_digest(seq: int, head_hash: str) -> bytes:
-    """Return the SHA-256 digest a checkpoint signs: seq (8 bytes big-endian) || head hash."""
-    return hashlib.sha256(seq.to_bytes(8, "big") + bytes.fromhex(head_hash)).digest()
+def checkpoint_digest(installation: str, seq: int, head_hash: str, at: datetime) -> bytes:
+    """Return the digest a checkpoint signs: SHA-256 of the canonical JSON of purpose,
+    installation, seq, head and time (see the module docstring).
+
+    Raises:
+        ValueError: seq below 1, or a head that is not 64 hex digits.
+    """
+    if seq < 1 or not _HEAD.fullmatch(head_hash):
+        raise ValueError("a checkpoint names an event (seq >= 1) and its 64-hex-digit hash")
+    body = json.dumps({"purpose": CHECKPOINT_PURPOSE, "installation": installation, "seq": seq,
+                       "head": head_hash, "time": _iso(at)},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(body.encode("ascii")).digest()
+
+
+def key_fingerprint(public_key_pem: str | bytes) -> str:
+    """Return the audit key's fingerprint: SHA-256 (hex) of its SubjectPublicKeyInfo (DER), the
+    check value ``meterkeys hsm init`` pins for a key pair (``lifecycle.hsm.keyring``).
+
+    Raises:
+        AuditError: not a PEM EC public key.
+    """
+    pem = public_key_pem.decode("ascii") if isinstance(public_key_pem, bytes) else public_key_pem
+    der = _load_public(pem).public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
 
 
 # --- building rows -------------------------------------------------------------------------------
@@ -202,38 +240,126 @@ def link(rows: list[dict[str, Any]], seq: int, prev: str) -> tuple[int, str]:
 # --- verification --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Checkpoint:
-    """A signed head as stored: what verification needs of it."""
+    """A signed head as the inventory stores it: what verification needs of it."""
 
     id: int
     seq: int
     head_hash: str
+    at: datetime
     signature: bytes
 
 
+@dataclass(frozen=True)
+class SignedHead:
+    """A signed head as the witness keeps it: what was signed, the signature (DER) and the
+    signing key's fingerprint."""
+
+    installation: str
+    seq: int
+    head_hash: str
+    at: datetime
+    signature: bytes
+    key: str
+
+    def digest(self) -> bytes:
+        """Return the digest the signature covers (``checkpoint_digest``).
+
+        Raises:
+            ValueError: seq below 1, or a head that is not 64 hex digits.
+        """
+        return checkpoint_digest(self.installation, self.seq, self.head_hash, self.at)
+
+
+@dataclass(frozen=True)
+class WitnessLog:
+    """What a witness holds: where it is, the installation its header names (None: nothing
+    witnessed yet) and its signed heads in the order they were appended."""
+
+    where: str
+    installation: str | None
+    records: tuple[SignedHead, ...] = ()
+
+
+@dataclass(frozen=True)
+class Anchors:
+    """What the trail is verified against, none of it taken from the audit tables: the audit
+    public key, the fingerprint pinned at initialisation, the inventory's installation id and
+    what the witness holds."""
+
+    public_key_pem: str
+    pinned_key: str
+    installation: str | None
+    witness: WitnessLog
+
+
 def verify_chain(rows: Iterable[Any], checkpoints: Iterable[Checkpoint],
-                 head: tuple[int, str] | None, public_key_pem: str) -> int:
-    """Verify events in seq order, every checkpoint and the head; return the number of events.
+                 head: tuple[int, str] | None, anchors: Anchors) -> int:
+    """Verify events in seq order, every checkpoint, the head and the witness; return the
+    number of events.
 
     ``rows`` are stored events with attribute access (streamed: memory stays flat).
 
     Raises:
-        AuditError: naming the first bad event: an altered event (hash mismatch), a missing one
-            (gap or broken link), a truncated trail (head or a checkpoint beyond the last event),
-            a head that disagrees with the last event, or a checkpoint whose hash differs from
-            the event's or whose signature does not verify.
+        AuditError: naming the first bad event or the missing head: a public key that is not
+            the pinned one; an altered event (hash mismatch); a missing one (gap or broken
+            link); a trail rewritten and re-chained (the hash at a witnessed seq differs from
+            the witnessed head, re-signed or not); a truncated or emptied trail (the head, a
+            checkpoint or a witnessed head beyond the last event); a head that disagrees with
+            the last event; a checkpoint whose hash differs from the event's, whose signature
+            does not verify, or which the witness holds and the inventory lost; a witness of
+            another installation or key.
     """
-    public = _load_public(public_key_pem)
-    pending: dict[int, list[Checkpoint]] = {}
+    public = _load_public(anchors.public_key_pem)
+    _check_pin(anchors)
+    witnessed = _witnessed(public, anchors)
+    stored: dict[int, list[Checkpoint]] = {}
     for cp in checkpoints:
-        pending.setdefault(cp.seq, []).append(cp)
-    seq, prev = 0, GENESIS
+        stored.setdefault(cp.seq, []).append(cp)
+    pending = {seq: list(cps) for seq, cps in stored.items()}
+    seq, prev, anchored = 0, GENESIS, 0
+    lost: list[SignedHead] = []
     for row in rows:
         seq = _check_event(row, seq + 1, prev)
         prev = row.hash
         for cp in pending.pop(seq, []):
-            _check_checkpoint(public, cp, row.hash)
-    _check_tail(public, pending, head, seq, prev)
+            _check_checkpoint(public, anchors.installation, cp, row.hash)
+        for signed in witnessed.get(seq, []):
+            _check_witnessed(signed, row.hash, anchored)
+            if not any(cp.head_hash == signed.head_hash for cp in stored.get(seq, [])):
+                lost.append(signed)
+            anchored = seq
+    _check_tail(public, anchors.installation, pending, head, seq, prev)
+    _check_witness_tail(witnessed, seq)
+    _check_installation(anchors, bool(stored))
+    # A deleted checkpoint of an intact event is named last: a rewritten or missing event
+    # found anywhere in the trail, or a witness of another installation, is the graver finding.
+    if lost:
+        raise AuditError(lost[0].seq, f"the checkpoint the witness holds for this event (signed "
+                                      f"{_iso(lost[0].at)}) is missing from the inventory "
+                                      "(deleted)")
     return seq
+
+
+def _check_pin(anchors: Anchors) -> None:
+    # Only the key pinned when the installation was initialised counts: a database writer can
+    # sign checkpoints with a key of their own, and a verifier handed that key would agree.
+    found = key_fingerprint(anchors.public_key_pem)
+    if found != anchors.pinned_key:
+        raise AuditError(None, f"the audit public key (fingerprint {found[:16]}…) is not the "
+                               f"key pinned at initialisation ({anchors.pinned_key[:16]}…)")
+
+
+def _witnessed(public: ec.EllipticCurvePublicKey, anchors: Anchors) -> dict[int, list[SignedHead]]:
+    log, out = anchors.witness, dict[int, list[SignedHead]]()
+    for signed in log.records:
+        what = f"witness {log.where}: the head of seq {signed.seq}"
+        if signed.installation != log.installation:
+            raise AuditError(signed.seq, f"{what} names another installation than its header")
+        if signed.key != anchors.pinned_key:
+            raise AuditError(signed.seq, f"{what} is signed by another key than the pinned one")
+        _check_signature(public, signed.signature, signed.digest, signed.seq, what)
+        out.setdefault(signed.seq, []).append(signed)
+    return out
 
 
 def _check_event(row: Any, expected: int, prev: str) -> int:
@@ -246,25 +372,47 @@ def _check_event(row: Any, expected: int, prev: str) -> int:
     return expected
 
 
-def _check_checkpoint(public: ec.EllipticCurvePublicKey, cp: Checkpoint,
-                      event_hash_at_seq: str | None) -> None:
+def _check_checkpoint(public: ec.EllipticCurvePublicKey, installation: str | None,
+                      cp: Checkpoint, event_hash_at_seq: str | None) -> None:
     if event_hash_at_seq is not None and cp.head_hash != event_hash_at_seq:
         raise AuditError(cp.seq, f"checkpoint {cp.id} signs a hash that differs from the event's")
+    if installation is None:
+        raise AuditError(cp.seq, f"checkpoint {cp.id} cannot be checked: the inventory has no "
+                                 "installation id")
+    _check_signature(public, cp.signature,
+                     lambda: checkpoint_digest(installation, cp.seq, cp.head_hash, cp.at),
+                     cp.seq, f"checkpoint {cp.id}")
+
+
+def _check_signature(public: ec.EllipticCurvePublicKey, signature: bytes,
+                     digest: Callable[[], bytes], seq: int, what: str) -> None:
     try:
-        public.verify(bytes(cp.signature), checkpoint_digest(cp.seq, cp.head_hash),
-                      ec.ECDSA(Prehashed(hashes.SHA256())))
+        public.verify(bytes(signature), digest(), ec.ECDSA(Prehashed(hashes.SHA256())))
     except (InvalidSignature, ValueError):
-        raise AuditError(cp.seq, f"checkpoint {cp.id}: bad signature") from None
+        raise AuditError(seq, f"{what}: bad signature") from None
 
 
-def _check_tail(public: ec.EllipticCurvePublicKey, pending: dict[int, list[Checkpoint]],
-                head: tuple[int, str] | None, last_seq: int, last_hash: str) -> None:
+def _check_witnessed(signed: SignedHead, event_hash_at_seq: str, anchored: int) -> None:
+    # The witness holds heads only: an event was rewritten somewhere after the last witnessed
+    # head that still matches, so the first event that may be bad is the one after it.
+    when = _iso(signed.at)
+    if signed.head_hash != event_hash_at_seq:
+        first = anchored + 1
+        span = "" if first == signed.seq else f" (this event or a later one, up to {signed.seq})"
+        raise AuditError(first, f"rewritten{span}: the chain's hash at seq {signed.seq} "
+                                f"differs from the head the witness holds, signed {when}; the "
+                                "trail was re-chained after that checkpoint")
+
+
+def _check_tail(public: ec.EllipticCurvePublicKey, installation: str | None,
+                pending: dict[int, list[Checkpoint]], head: tuple[int, str] | None,
+                last_seq: int, last_hash: str) -> None:
     # Checkpoints that matched no event: signed beyond the end (truncation) or at seq < 1.
     for cp_seq in sorted(pending):
         for cp in pending[cp_seq]:
             if cp_seq < 1:
                 raise AuditError(cp_seq, f"checkpoint {cp.id} names no event")
-            _check_checkpoint(public, cp, None)
+            _check_checkpoint(public, installation, cp, None)
             raise AuditError(last_seq + 1, f"event missing: signed checkpoint {cp.id} covers "
                                            f"seq {cp_seq} beyond the last event (truncated)")
     if head is None:
@@ -280,6 +428,31 @@ def _check_tail(public: ec.EllipticCurvePublicKey, pending: dict[int, list[Check
     if head_hash != last_hash:
         raise AuditError(last_seq, "head hash differs from the last event's hash")
 
+
+def _check_witness_tail(witnessed: dict[int, list[SignedHead]], last_seq: int) -> None:
+    beyond = [seq for seq in witnessed if seq > last_seq]
+    if beyond:
+        top = witnessed[max(beyond)][-1]
+        what = "emptied" if last_seq == 0 else "truncated"
+        raise AuditError(last_seq + 1, f"event missing: the witness holds the head of seq "
+                                       f"{top.seq}, signed {_iso(top.at)}, but the trail ends "
+                                       f"at seq {last_seq} ({what})")
+
+
+def _check_installation(anchors: Anchors, has_checkpoints: bool) -> None:
+    log = anchors.witness
+    if not log.records:
+        if has_checkpoints:
+            raise AuditError(None, f"the inventory holds signed checkpoints but the witness "
+                                   f"{log.where} holds none: a wrong witness folder, or a lost "
+                                   "witness")
+        return
+    if anchors.installation is None:
+        raise AuditError(None, f"the inventory has no installation id; the witness "
+                               f"{log.where} belongs to installation {log.installation}")
+    if anchors.installation != log.installation:
+        raise AuditError(None, f"the inventory is installation {anchors.installation}; the "
+                               f"witness {log.where} belongs to installation {log.installation}")
 
 def _load_public(pem: str) -> ec.EllipticCurvePublicKey:
     try:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import codecs
+import csv
 import re
 import tomllib
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 from xml.etree.ElementTree import ParseError
-from zipfile import BadZipFile
+from zipfile import BadZipFile, ZipFile
 
 import pandas as pd
 from cryptography import x509
@@ -31,9 +32,16 @@ from lifecycle.errors import BatchError
 from lifecycle.factory_import.batch_format import (
     CANONICAL_FIELDS,
     KEY_FIELDS,
+    MAX_LINE_CHARS,
+    MAX_RECORDS,
+    MAX_XLSX_RATIO,
+    MAX_XLSX_UNCOMPRESSED,
     OPTIONAL_FIELDS,
     REQUIRED_FIELDS,
     SERIAL_RE,
+    JsonRefused,
+    source_digest,
+    strict_json,
 )
 from lifecycle.policy import SUITES
 
@@ -80,7 +88,8 @@ class Chunk:
     """Canonical records of one chunk that passed the field checks, plus the rejected rows.
 
     ``rows`` are 1-based record numbers in the file. Key fields hold the vendor's wrapped keys
-    (bytes wrapped under the transport key: no plaintext).
+    (bytes wrapped under the transport key: no plaintext); ``source_digests`` their digests
+    (``batch_format.source_digest``), by which a wrapped key delivered twice is found.
     """
 
     rows: list[int] = field(default_factory=list)
@@ -88,6 +97,7 @@ class Chunk:
     system_title: list[str] = field(default_factory=list)
     suite: list[int] = field(default_factory=list)
     keys: list[tuple[bytes, ...]] = field(default_factory=list)
+    source_digests: list[tuple[str, ...]] = field(default_factory=list)
     certificate: list[str | None] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     read: int = 0
@@ -129,9 +139,10 @@ def _frames(path: Path, mapping: Mapping, chunk_size: int) -> Iterator[pd.DataFr
         if path.stat().st_size == 0:
             raise BatchError(name, "file is empty")
         if mapping.format == "csv":
-            yield from pd.read_csv(path, sep=mapping.delimiter, encoding=mapping.encoding,
+            _precheck_csv(path, mapping)
+            yield from pd.read_csv(path, sep=mapping.delimiter, encoding=_text_encoding(mapping),
                                    dtype=str, keep_default_na=False, chunksize=chunk_size,
-                                   engine="c", on_bad_lines="error")
+                                   engine="c", on_bad_lines="error", skip_blank_lines=True)
         elif mapping.format == "jsonl":
             yield from _jsonl(path, mapping, chunk_size)
         elif mapping.format == "xml":
@@ -146,28 +157,78 @@ def _frames(path: Path, mapping: Mapping, chunk_size: int) -> Iterator[pd.DataFr
         raise BatchError(name, f"malformed {mapping.format}: {str(exc)[:160]}") from None
 
 
+def _text_encoding(mapping: Mapping) -> str:
+    # docs/batch-format.md section 7: a UTF-8 byte-order mark at the very start of a text
+    # file is allowed and ignored (spreadsheet programs write one); anywhere else it is data.
+    try:
+        utf8 = codecs.lookup(mapping.encoding).name == "utf-8"
+    except LookupError:
+        raise BatchError(f"mapping of vendor {mapping.vendor}",
+                         f"unknown encoding {mapping.encoding!r}") from None
+    return "utf-8-sig" if utf8 else mapping.encoding
+
+
+def _bounded_lines(path: Path, mapping: Mapping) -> Iterator[str]:
+    """Yield a text file's lines, refusing one longer than the limit before it is parsed."""
+    with path.open(encoding=_text_encoding(mapping), newline="") as fh:
+        number = 0
+        while line := fh.readline(MAX_LINE_CHARS + 1):
+            number += 1
+            if len(line) > MAX_LINE_CHARS:
+                raise BatchError(path.name, f"line {number} is longer than {MAX_LINE_CHARS} "
+                                            "characters (limit)")
+            yield line
+
+
+def _too_many(path: Path) -> BatchError:
+    return BatchError(path.name, f"file holds more than {MAX_RECORDS} records (limit)")
+
+
+def _precheck_csv(path: Path, mapping: Mapping) -> None:
+    # One pass before pandas parses: line length, record count, and "one record per line"
+    # (docs/batch-format.md section 7: a quoted value may not span lines).
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_CHARS))
+    reader = csv.reader(_bounded_lines(path, mapping), delimiter=mapping.delimiter)
+    records, last = -1, 0  # the header is not a record
+    try:
+        for row in reader:
+            if reader.line_num != last + 1:
+                raise BatchError(path.name, f"line {last + 1}: a quoted value spans lines "
+                                            "(one record per line)")
+            last = reader.line_num
+            records += 1 if row else 0
+            if records > MAX_RECORDS:
+                raise _too_many(path)
+    except csv.Error as exc:
+        raise BatchError(path.name, f"malformed csv: line {reader.line_num}: {exc}") from None
+
+
 def _jsonl(path: Path, mapping: Mapping, chunk_size: int) -> Iterator[pd.DataFrame]:
     batch: list[dict[str, Any]] = []
-    with path.open(encoding=mapping.encoding) as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BatchError(path.name, f"line {number}: not JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise BatchError(path.name, f"line {number}: not a JSON object")
-            batch.append({k: "" if v is None else str(v) for k, v in record.items()})
-            if len(batch) == chunk_size:
-                yield pd.DataFrame(batch, dtype=str)
-                batch = []
+    records = 0
+    for number, line in enumerate(_bounded_lines(path, mapping), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = strict_json(line)
+        except JsonRefused as exc:
+            raise BatchError(path.name, f"line {number}: not JSON ({exc.reason})") from None
+        if not isinstance(record, dict):
+            raise BatchError(path.name, f"line {number}: not a JSON object")
+        records += 1
+        if records > MAX_RECORDS:
+            raise _too_many(path)
+        batch.append({k: "" if v is None else str(v) for k, v in record.items()})
+        if len(batch) == chunk_size:
+            yield pd.DataFrame(batch, dtype=str)
+            batch = []
     if batch:
         yield pd.DataFrame(batch, dtype=str)
 
 
 def _xml(path: Path, mapping: Mapping, chunk_size: int) -> Iterator[pd.DataFrame]:
     batch: list[dict[str, str]] = []
+    records = 0
     try:
         for _event, elem in iterparse(str(path), events=("end",), forbid_dtd=True):
             if _local(elem.tag) != mapping.record:
@@ -176,6 +237,9 @@ def _xml(path: Path, mapping: Mapping, chunk_size: int) -> Iterator[pd.DataFrame
             record.update({_local(child.tag): (child.text or "").strip() for child in elem})
             batch.append(record)
             elem.clear()
+            records += 1
+            if records > MAX_RECORDS:
+                raise _too_many(path)
             if len(batch) == chunk_size:
                 yield pd.DataFrame(batch, dtype=str)
                 batch = []
@@ -193,7 +257,31 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+def _check_zip(path: Path) -> None:
+    # Before openpyxl inflates anything: the workbook's declared sizes (a zip bomb declares
+    # them too, or lies and then fails zipfile's own size check while reading).
+    try:
+        with ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (BadZipFile, OSError) as exc:
+        raise BatchError(path.name, f"not a readable XLSX file ({type(exc).__name__})") from None
+    if sum(e.file_size for e in entries) > MAX_XLSX_UNCOMPRESSED:
+        raise BatchError(path.name, f"XLSX decompresses to more than {MAX_XLSX_UNCOMPRESSED} "
+                                    "bytes (limit)")
+    for entry in entries:
+        inflated = entry.file_size > MAX_XLSX_RATIO * max(1, entry.compress_size)
+        if entry.file_size > 65536 and inflated:
+            raise BatchError(path.name, f"XLSX entry {entry.filename[:64]!r} decompresses more "
+                                        f"than {MAX_XLSX_RATIO} times its size (limit)")
+
+
+def _blank(values: tuple[Any, ...]) -> bool:
+    # An empty spreadsheet row (formatted, or left between records) is not a record.
+    return all(v is None or not str(v).strip() for v in values)
+
+
 def _xlsx(path: Path, mapping: Mapping, chunk_size: int) -> Iterator[pd.DataFrame]:
+    _check_zip(path)
     try:
         book = load_workbook(path, read_only=True, data_only=True)
     except (BadZipFile, KeyError, OSError) as exc:
@@ -203,7 +291,13 @@ def _xlsx(path: Path, mapping: Mapping, chunk_size: int) -> Iterator[pd.DataFram
         rows = sheet.iter_rows(values_only=True)
         header = [str(h) if h is not None else "" for h in next(rows, ())]
         batch: list[list[str]] = []
+        records = 0
         for values in rows:
+            if _blank(values):
+                continue
+            records += 1
+            if records > MAX_RECORDS:
+                raise _too_many(path)
             batch.append(["" if v is None else str(v) for v in values])
             if len(batch) == chunk_size:
                 yield pd.DataFrame(batch, columns=header, dtype=str)
@@ -323,5 +417,6 @@ def _chunk(frame: pd.DataFrame, errors: dict[int, tuple[str, str]]) -> Chunk:
     chunk.suite = good.suite.astype(int).tolist()
     chunk.keys = list(zip(*(map(bytes.fromhex, good[f].tolist()) for f in KEY_FIELDS),
                           strict=True))
+    chunk.source_digests = [tuple(source_digest(k) for k in row) for row in chunk.keys]
     chunk.certificate = [c or None for c in good.certificate.tolist()]
     return chunk

@@ -1,13 +1,16 @@
 """Factory import steps: verify a batch, then take its meters' keys into custody chunk by chunk.
 
 Steps (DESIGN.md process 1):
-1. ``verify_batch``: the manifest signature (manufacturer's ECDSA key), the file's SHA-256 and
-   record count, the transport key (RSA-OAEP unwrap in the HSM) and that it unwraps the file's
-   keys. Any failure rejects the whole file before a single meter is written.
+1. ``verify_batch``: the delivery is copied into a private staging folder (``staging``) and from
+   then on read only there; the manifest (strict JSON, every field, the manufacturer's ECDSA
+   signature), the file's SHA-256 and record count, the transport key (RSA-OAEP unwrap in the
+   HSM) and that it unwraps the file's keys. Any failure rejects the whole file before a single
+   meter is written.
 2. ``import_chunk``: each key is unwrapped from the transport key in the HSM (the RFC 3394
    integrity check catches tampering) and re-wrapped under the storage KEK; meters, key blobs,
    quarantined rows and audit events of the chunk commit in one transaction.
-3. ``finish_batch``: counts from the inventory, batch marked completed, audited.
+3. ``finish_batch``: counts from the inventory, which must add up to the manifest's record
+   count; batch marked completed, audited, its staged copy removed.
 
 Re-running is safe at every point: a row whose meter is already in the inventory from the same
 batch and row is skipped, so a run killed half way and re-run imports every good row once.
@@ -16,6 +19,7 @@ batch and row is skipped, so a run killed half way and re-run imports every good
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,12 +28,20 @@ from typing import Any
 from lifecycle.audit import trail
 from lifecycle.audit.chain import Actor
 from lifecycle.config import Settings
-from lifecycle.errors import BatchError, IntegrityError, ManifestError
+from lifecycle.errors import BatchError, ChecksumError, IntegrityError, ManifestError
 from lifecycle.factory_import import batch_format as batch
+from lifecycle.factory_import import staging
 from lifecycle.factory_import.reader import Chunk, Mapping, count_records, read_chunks
-from lifecycle.factory_import.rewrap import RewrapJob, forget_transport_keys, run_rewrap
-from lifecycle.factory_import.rules import sort_chunk
+from lifecycle.factory_import.rewrap import (
+    FACTORY_VERSION,
+    RewrapJob,
+    Sealed,
+    forget_transport_keys,
+    run_rewrap,
+)
+from lifecycle.factory_import.rules import check_totals, sort_chunk
 from lifecycle.factory_import.vendor import import_public_pem
+from lifecycle.hsm import keyring
 from lifecycle.hsm.connection import Hsm
 from lifecycle.hsm.pool import HsmWorkers
 from lifecycle.inventory import batches, meters, vendors
@@ -58,6 +70,7 @@ class BatchPlan:
     status: str
     import_key_label: str
     oaep_hash: str
+    staged_file: str = ""  # the private copy that every step after verification reads
 
     @property
     def completed(self) -> bool:
@@ -124,26 +137,36 @@ def load_manifest(engine: Engine, settings: Settings, data_file: Path,
 
 def verify_batch(engine: Engine, settings: Settings, actor: Actor, data_file: Path,
                  vendor: str, mapping: Mapping, now: datetime) -> BatchPlan:
-    """Verify a batch as a whole and register it (or find it registered by an earlier run).
+    """Stage a batch, verify it as a whole and register it (or find it registered by an earlier
+    run). The plan names the staged copy, which the later steps read instead of ``data_file``.
 
     Raises:
-        BatchError: the file is rejected as a whole (the rejection is audited).
+        BatchError: the file is rejected as a whole (the rejection is audited, the staged
+            copy removed).
         InventoryError: unknown vendor.
     """
+    staged: staging.Staged | None = None
     try:
-        return _verify(engine, settings, actor, data_file, vendor, mapping, now)
+        staged = staging.stage(settings.home_dir, data_file)
+        return _verify(engine, settings, actor, staged.data_file, vendor, mapping, now)
     except BatchError as exc:
-        with transaction(engine) as session:
-            trail.record(session, actor, "batch.reject", "rejected",
-                         detail={"file": data_file.name, "vendor": vendor,
-                                 "reason": exc.reason[:300]}, at=now)
+        if staged is not None:
+            staging.remove(staged.folder)
+        _audit_reject(engine, actor, data_file.name, vendor, exc, now)
         raise
+
+
+def _audit_reject(engine: Engine, actor: Actor, name: str, vendor: str, exc: BatchError,
+                  now: datetime, batch_id: int | None = None) -> None:
+    with transaction(engine) as session:
+        trail.record(session, actor, "batch.reject", "rejected", batch_id=batch_id,
+                     detail={"file": name, "vendor": vendor, "reason": exc.reason[:300]},
+                     at=now)
 
 
 def _verify(engine: Engine, settings: Settings, actor: Actor, data_file: Path,
             vendor: str, mapping: Mapping, now: datetime) -> BatchPlan:
-    if not data_file.is_file():
-        raise BatchError(data_file.name, "file does not exist")
+    # ``data_file`` is the staged copy: nothing here reads the delivered original.
     manifest = load_manifest(engine, settings, data_file, vendor)
     sha = batch.check_file(data_file, manifest)
     with transaction(engine) as session:
@@ -151,7 +174,7 @@ def _verify(engine: Engine, settings: Settings, actor: Actor, data_file: Path,
         vendor_id, label = int(record.id or 0), str(record.import_key_label)
         known = batches.find_batch(session, vendor_id, sha, manifest.sha256)
         if known is not None and known.status == BatchStatus.COMPLETED:
-            return _plan(known, vendor, label, manifest)
+            return _plan(known, vendor, label, manifest, data_file)
     batch.check_count(data_file, manifest, count_records(data_file, mapping))
     _probe_transport_key(settings, data_file, mapping, manifest, label)
     with transaction(engine) as session:
@@ -166,15 +189,16 @@ def _verify(engine: Engine, settings: Settings, actor: Actor, data_file: Path,
                      detail={"file": data_file.name, "sha256_prefix": sha[:16],
                              "records": manifest.record_count, "batch_ref": manifest.batch_ref},
                      at=now)
-        return _plan(known, vendor, label, manifest)
+        return _plan(known, vendor, label, manifest, data_file)
 
 
-def _plan(record: ImportBatch, vendor: str, label: str,
-          manifest: batch.Manifest) -> BatchPlan:
+def _plan(record: ImportBatch, vendor: str, label: str, manifest: batch.Manifest,
+          staged: Path) -> BatchPlan:
     return BatchPlan(batch_id=int(record.id or 0), vendor=vendor, vendor_id=record.vendor_id,
                      file=record.file_name, file_sha256=record.file_sha256,
                      record_count=record.record_count, status=record.status,
-                     import_key_label=label, oaep_hash=manifest.oaep_hash)
+                     import_key_label=label, oaep_hash=manifest.oaep_hash,
+                     staged_file=str(staged))
 
 
 def _probe_transport_key(settings: Settings, data_file: Path, mapping: Mapping,
@@ -188,8 +212,7 @@ def _probe_transport_key(settings: Settings, data_file: Path, mapping: Mapping,
         if len(keys) >= PROBE_ROWS * len(KeyId):
             break
     keys = keys[:PROBE_ROWS * len(KeyId)]
-    job = RewrapJob(label, manifest.oaep_hash, manifest.wrapped_transport_key, keys,
-                    settings.storage_kek_label)
+    job = RewrapJob(label, manifest.oaep_hash, manifest.wrapped_transport_key, keys)
     try:
         results = run_rewrap(settings, job)
     except IntegrityError:
@@ -230,20 +253,22 @@ class ChunkOrder:
 
 
 def rewrap_chunk(workers: HsmWorkers, settings: Settings, plan: BatchPlan,
-                 manifest: batch.Manifest, chunk: Chunk) -> list[bytes | None]:
-    """Re-wrap every key of a chunk under the storage KEK in the HSM (``None``: check failed).
+                 manifest: batch.Manifest, chunk: Chunk) -> list[Sealed | None]:
+    """Re-wrap every key of a chunk under its storage KEK in the HSM and bind each blob to its
+    meter, key id, version and KEK (``None``: the key's integrity check failed).
 
     Raises:
         HsmError: the HSM failed as a whole (transient errors may be retried).
     """
     keys = [k for row in chunk.keys for k in row]
     job = RewrapJob(plan.import_key_label, plan.oaep_hash, manifest.wrapped_transport_key, keys,
-                    settings.storage_kek_label)
+                    list(zip(chunk.serial, chunk.system_title, strict=True)),
+                    keyring.trusted_pins())
     return workers.result(workers.submit(run_rewrap, job))
 
 
 def store_chunk(engine: Engine, settings: Settings, actor: Actor, plan: BatchPlan,
-                chunk: Chunk, blobs: list[bytes | None], now: datetime) -> ChunkResult:
+                chunk: Chunk, blobs: list[Sealed | None], now: datetime) -> ChunkResult:
     """Write a chunk's meters, key blobs, quarantined rows and audit events in one transaction.
 
     Raises:
@@ -252,13 +277,17 @@ def store_chunk(engine: Engine, settings: Settings, actor: Actor, plan: BatchPla
     per_meter = len(KeyId)
     with _WRITE_LOCK, transaction(engine) as session:
         by_serial, by_title = meters.existing_meters(session, chunk.serial, chunk.system_title)
+        by_digest = meters.digest_holders(session, [d for row in chunk.source_digests
+                                                    for d in row])
         decided = sort_chunk(plan.batch_id, chunk.rows, chunk.serial, chunk.system_title, blobs,
-                             by_serial, by_title)
+                             by_serial, by_title, chunk.source_digests, by_digest)
         rows, keys, events = [], [], []
         for i in decided.accepted:
             meter_blobs = blobs[i * per_meter:(i + 1) * per_meter]
             rows.append(_meter_row(plan, chunk, i, now))
             keys.append(_key_rows(settings, chunk.suite[i], meter_blobs, now))
+            for row, digest in zip(keys[-1], chunk.source_digests[i], strict=True):
+                row["source_digest"] = digest
             events.append({"action": "meter.register", "outcome": "ok",
                            "meter_serial": chunk.serial[i], "batch_id": plan.batch_id,
                            "detail": {"row": chunk.rows[i], "suite": chunk.suite[i],
@@ -273,8 +302,7 @@ def store_chunk(engine: Engine, settings: Settings, actor: Actor, plan: BatchPla
         trail.record_many(session, actor, events, at=now)
         batches.bump_batch(session, plan.batch_id, len(rows), len(fresh))
         with Hsm.open(settings).session() as hsm:
-            trail.maybe_checkpoint(session, hsm, settings.audit_key_label,
-                                   settings.audit_checkpoint_every, at=now)
+            trail.maybe_checkpoint(session, hsm, settings, at=now)
     return ChunkResult(imported=len(rows), quarantined=len(fresh), skipped=decided.skipped)
 
 
@@ -285,36 +313,61 @@ def _meter_row(plan: BatchPlan, chunk: Chunk, i: int, now: datetime) -> dict[str
             "factory_certificate": chunk.certificate[i], "created_at": now, "updated_at": now}
 
 
-def _key_rows(settings: Settings, suite: int, blobs: list[bytes | None],
+def _key_rows(settings: Settings, suite: int, sealed: Sequence[Sealed | None],
               now: datetime) -> list[dict[str, Any]]:
     # Factory keys are what the meter holds today: active from import, until their
     # cryptoperiod (NIST SP 800-57 Part 1 §5.3) runs out.
-    return [{"key_id": int(k), "version": 1, "state": KeyState.ACTIVE, "blob": blob,
-             "kek_label": settings.storage_kek_label, "origin": "factory", "created_at": now,
-             "activated_at": now, "expires_at": now + CRYPTOPERIODS[k]}
-            for k, blob in zip(KeyId, blobs, strict=True)]
+    rows = []
+    for k, key in zip(KeyId, sealed, strict=True):
+        assert key is not None  # rules.sort_chunk quarantines a meter with a key that failed
+        rows.append({"key_id": int(k), "version": FACTORY_VERSION, "state": KeyState.ACTIVE,
+                     "blob": key.blob, "mac": key.mac, "kek_label": key.kek_label,
+                     "origin": "factory", "created_at": now, "activated_at": now,
+                     "expires_at": now + CRYPTOPERIODS[k]})
+    return rows
 
 
 def finish_batch(engine: Engine, settings: Settings, actor: Actor, plan: BatchPlan,
                  now: datetime) -> BatchSummary:
-    """Mark a batch completed with its counts taken from the inventory, audit it, and sign an
-    audit checkpoint with the HSM audit key, so the batch's events are anchored.
+    """Mark a batch completed with its counts taken from the inventory, audit it, sign an audit
+    checkpoint with the HSM audit key (so the batch's events are anchored), and remove the
+    batch's staged copy.
 
     Raises:
+        ChecksumError: imported and quarantined rows do not add up to the record count (the
+            batch stays importing; the failure is audited as a rejection).
         HsmError: the checkpoint could not be signed (the batch stays importing; re-run).
     """
+    try:
+        summary = _finish(engine, settings, actor, plan, now)
+    except ChecksumError as exc:
+        _audit_reject(engine, actor, plan.file, plan.vendor, exc, now, plan.batch_id)
+        _unstage(plan)
+        raise
+    _unstage(plan)
+    return summary
+
+
+def _unstage(plan: BatchPlan) -> None:
+    if plan.staged_file:
+        staging.remove(Path(plan.staged_file).parent)
+
+
+def _finish(engine: Engine, settings: Settings, actor: Actor, plan: BatchPlan,
+            now: datetime) -> BatchSummary:
     with transaction(engine) as session, Hsm.open(settings).session() as hsm:
         record = batches.get_batch(session, plan.batch_id)
         imported = meters.count_in_batch(session, plan.batch_id)
         rejected = batches.rejected_count(session, plan.batch_id)
         by_suite = meters.suite_counts(session, plan.batch_id)
         if record.status != BatchStatus.COMPLETED:
+            check_totals(plan.file, record.record_count, imported, rejected)
             record.status = BatchStatus.COMPLETED
             record.finished_at = now
             record.imported, record.quarantined = imported, rejected
             trail.record(session, actor, "batch.complete", "ok", batch_id=plan.batch_id,
                          detail={"imported": imported, "quarantined": rejected}, at=now)
-            trail.checkpoint(session, hsm, settings.audit_key_label, at=now)
+        trail.checkpoint(session, hsm, settings, at=now)  # closes the run, re-runs too
         return BatchSummary(batch_id=plan.batch_id, file=plan.file, vendor=plan.vendor,
                             record_count=plan.record_count, imported=imported,
                             quarantined=rejected, by_suite=by_suite, status=record.status)

@@ -23,7 +23,8 @@ from pkcs11 import ObjectClass
 from pkcs11 import exceptions as px
 
 from lifecycle.config import Settings
-from lifecycle.errors import ConfigError, PermanentHsmError
+from lifecycle.errors import ConfigError, HsmError, PermanentHsmError
+from lifecycle.hsm import native
 from lifecycle.hsm.boundary import CALL_LOCK, translated
 from lifecycle.hsm.session import HsmSession
 from lifecycle.hsm.token_lock import SHARED_LOCK_TIMEOUT, hold_token_lock, release_shared_locks
@@ -85,7 +86,7 @@ class Hsm:
             except px.NoSuchToken:
                 raise ConfigError(
                     f"no token labelled {settings.token_label!r}: run meterkeys hsm init") from None
-            login = token.open(rw=True, user_pin=pin)
+            login = token.open(rw=True, user_pin=pin, attribute_mapper=native.attribute_mapper())
         return cls(settings, lib, token, login)
 
     @contextlib.contextmanager
@@ -99,11 +100,36 @@ class Hsm:
             session = self._idle.get_nowait()
         except queue.Empty:
             with translated("open session"):
-                session = HsmSession(self._token.open(rw=True), self.settings)
+                session = HsmSession(
+                    self._token.open(rw=True, attribute_mapper=native.attribute_mapper()),
+                    self.settings)
         try:
             yield session
         finally:
             self._idle.put(session)
+
+    @contextlib.contextmanager
+    def raw_session(self) -> Iterator[Any]:
+        """Open a separate python-pkcs11 session, closed on leaving (its objects end with it).
+
+        For the protection probe (``lifecycle.hsm.check``), whose throw-away objects must not
+        outlive it; the caller holds the call lock around its calls.
+
+        Raises:
+            TransientHsmError: the session could not be opened.
+        """
+        with translated("open session"):
+            raw = self._token.open(rw=True, attribute_mapper=native.attribute_mapper())
+        try:
+            yield raw
+        finally:
+            with contextlib.suppress(HsmError), translated("close session"):
+                raw.close()
+
+    def mechanisms(self) -> set[int]:
+        """Return the mechanisms the token's slot offers."""
+        with translated("list mechanisms"):
+            return {int(m) for m in self._token.slot.get_mechanisms()}
 
     def has_token_keys(self, *labels: str) -> dict[str, bool]:
         """Report which of the given secret or private token keys exist."""

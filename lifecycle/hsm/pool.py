@@ -29,7 +29,7 @@ from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-from lifecycle.config import Settings
+from lifecycle.config import Settings, private_umask
 from lifecycle.errors import TransientHsmError
 
 JobT = TypeVar("JobT")
@@ -44,6 +44,7 @@ class _Worker:
 
 def _init_worker(fields: dict[str, Any]) -> None:
     _die_with_parent()
+    private_umask()  # inherited from the parent already, unless a host process never set it
     _Worker.settings = Settings(**fields)
 
 

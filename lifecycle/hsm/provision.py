@@ -14,12 +14,16 @@ import os
 import secrets
 import subprocess
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from lifecycle.config import Settings
-from lifecycle.errors import ConfigError, PermanentHsmError
+from lifecycle.config import Settings, ensure_private_home
+from lifecycle.errors import ConfigError, KeyPolicyError, PermanentHsmError
+from lifecycle.hsm import keyring
 from lifecycle.hsm.connection import Hsm
-from lifecycle.hsm.session import ObjectClass
+from lifecycle.hsm.keyring import KeyPin
+from lifecycle.hsm.session import HsmSession
 
 CKF_SERIAL_SESSION = 0x4
 CKF_RW_SESSION = 0x2
@@ -27,8 +31,6 @@ CKF_TOKEN_INITIALIZED = 0x400
 CKU_SO = 0
 TOKEN_INFO_FLAGS_OFFSET = 96  # label[32] manufacturerID[32] model[16] serialNumber[16]
 
-# Long-lived keys that `meterkeys hsm init` creates: label setting -> kind.
-STORAGE_KEK_BITS = 256
 AUDIT_CURVE = "P-256"
 
 
@@ -81,9 +83,36 @@ def init_token(settings: Settings) -> bool:
     if settings.is_softhsm:
         write_softhsm_conf(settings)
     if token_exists(settings):
+        discard_so_pin(settings)
         return False
     pins = f"{settings.so_pin_value()}\n{settings.user_pin()}\n"
     _run_child(settings, "init", pins)
+    discard_so_pin(settings)
+    return True
+
+
+def generated_so_pin_file(settings: Settings) -> Path | None:
+    """Return the SO PIN file that ``generate_pin_files`` makes, unless the user chose the PIN.
+
+    An SO PIN from the environment or from a configured file is the user's own and left alone.
+    """
+    if settings.so_pin is not None or settings.so_pin_file is not None:
+        return None
+    return settings.secrets_dir / "so.pin"
+
+
+def discard_so_pin(settings: Settings) -> bool:
+    """Remove the generated SO PIN file unless ``keep_so_pin``; return whether one was removed.
+
+    The SO PIN is needed only to initialise the token (C_InitToken, C_InitPIN): kept on the
+    disk of every host that runs meterkeys it would let anyone who reads the home re-initialise
+    the token or reset the user PIN. A plain unlink: overwriting first is not meaningful on SSDs
+    and journaling or copy-on-write file systems, which write the new bytes elsewhere.
+    """
+    path = generated_so_pin_file(settings)
+    if settings.keep_so_pin or path is None or not path.exists():
+        return False
+    path.unlink()
     return True
 
 
@@ -165,39 +194,81 @@ def _child_main(argv: list[str]) -> None:
     module.call("C_Finalize", None)
 
 
-def ensure_long_lived_keys(settings: Settings) -> dict[str, str]:
-    """Create the storage KEK and the audit signing key if absent; report what was done.
+@dataclass(frozen=True)
+class KeyState:
+    """A long-lived key after ``ensure_keys``: "created" or "present", and its pin."""
+
+    role: str
+    state: str
+    pin: KeyPin
+
+
+def ensure_keys(settings: Settings, refuse: Mapping[str, str] | None = None) -> list[KeyState]:
+    """Create the long-lived keys that are missing; check those present; return every pin.
+
+    The storage KEK, the master KEK, the blob MAC key and the audit key. A present key must
+    meet its policy (``lifecycle.hsm.templates``). ``refuse`` maps a role to the reason it must
+    not be created (the inventory holds blobs or a pin for it: a new KEK would orphan them).
 
     Raises:
+        KeyPolicyError: a present key is weaker than policy or duplicated, or a refused role's
+            key is missing.
         HsmError: the token refused to create a key.
     """
-    report: dict[str, str] = {}
+    refuse = refuse or {}
+    out = []
     with Hsm.open(settings).session() as s:
-        if s.has_key(settings.storage_kek_label):
-            report[settings.storage_kek_label] = "present"
-        else:
-            s.generate_token_aes(settings.storage_kek_label, STORAGE_KEK_BITS)
-            report[settings.storage_kek_label] = "created"
-        if s.has_key(settings.audit_key_label, ObjectClass.PRIVATE_KEY):
-            report[settings.audit_key_label] = "present"
-        else:
-            s.generate_token_ec(settings.audit_key_label, AUDIT_CURVE)
-            report[settings.audit_key_label] = "created"
-    return report
+        for role, label in keyring.role_labels(settings).items():
+            kind = keyring.kind_of_role(role)
+            if s.has_key(label, kind.object_class):
+                out.append(KeyState(role, "present", KeyPin(role, label, s.key_id(label, kind),
+                                                             s.check_key(label, kind))))
+                continue
+            if role in refuse:
+                raise KeyPolicyError(kind.name, label, f"missing from the token, and "
+                                                       f"{refuse[role]}: restore a backup")
+            out.append(KeyState(role, "created", _generate(s, role, label)))
+    return out
+
+
+def _generate(s: HsmSession, role: str, label: str) -> KeyPin:
+    if role == "storage-kek":
+        return s.generate_storage_kek(label)
+    if role == "storage-kek-master":
+        return s.generate_storage_kek(label, master=True)
+    if role == "blob-mac":
+        return s.generate_mac_key(label)
+    return s.generate_token_ec(label, AUDIT_CURVE)
+
+
+def ensure_long_lived_keys(settings: Settings) -> dict[str, str]:
+    """Create the missing long-lived keys; report label -> "created" or "present".
+
+    Raises:
+        KeyPolicyError: a present key is weaker than policy.
+        HsmError: the token refused to create a key.
+    """
+    return {state.pin.label: state.state for state in ensure_keys(settings)}
 
 
 def generate_pin_files(settings: Settings) -> list[Path]:
     """Create random SO and user PIN files (mode 0600) for the embedded token, if absent.
 
+    The SO PIN file is made only together with the user PIN file, for a new token: once the
+    token exists, a fresh SO PIN would not be its PIN. ``init_token`` removes it after use
+    unless ``keep_so_pin`` (``discard_so_pin``).
+
     Raises:
-        ConfigError: the secrets directory cannot be made private.
+        ConfigError: the home or the secrets directory cannot be made private.
     """
-    settings.secrets_dir.mkdir(parents=True, exist_ok=True)
+    ensure_private_home(settings)
+    settings.secrets_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(settings.secrets_dir, 0o700)
     made = []
+    fresh = not (settings.secrets_dir / "user.pin").exists()
     for name in ("so.pin", "user.pin"):
         path = settings.secrets_dir / name
-        if path.exists():
+        if path.exists() or (name == "so.pin" and not fresh):
             continue
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

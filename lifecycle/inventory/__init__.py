@@ -8,6 +8,7 @@
     audit_events  the audit trail's events, head and signed checkpoints
     kek_checks    a canary blob per storage KEK
     hsm_keys      pins of the HSM's long-lived keys (CKA_ID and check value per role)
+    installations the installation's id (signed into audit checkpoints, kept by the witness)
     backups       token backup generations
     migrations/   Alembic revisions
 
@@ -20,6 +21,7 @@ from lifecycle.inventory import (  # noqa: F401 - registers every table in the m
     backups,
     batches,
     hsm_keys,
+    installations,
     kek_checks,
     meters,
     principals,

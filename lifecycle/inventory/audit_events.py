@@ -1,4 +1,4 @@
-"""The audit trail's tables: events, the chain head, signed checkpoints.
+"""The audit trail's tables: events, the chain head, signed checkpoints; commit hooks.
 
 The ``audit_head`` singleton row (id 1) holds the last (seq, hash). Appending locks it
 (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serialises
@@ -8,11 +8,11 @@ they are hashed and verified, is ``lifecycle.audit``'s business.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, LargeBinary, Text, func, select, update
+from sqlalchemy import Column, LargeBinary, Text, event, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Field, Session, SQLModel, col
@@ -22,6 +22,8 @@ from lifecycle.inventory.db import bulk_insert, is_postgres
 
 HEAD_ID = 1
 STREAM_CHUNK = 2000
+_ON_COMMIT = "meterkeys.audit.on_commit"
+_LISTENING = "meterkeys.audit.listening"
 
 
 class AuditEvent(SQLModel, table=True):
@@ -127,6 +129,27 @@ def add_checkpoint(session: Session, **fields: Any) -> AuditCheckpoint:
     session.add(made)
     session.flush()
     return made
+
+
+def on_commit(session: Session, action: Callable[[], None]) -> None:
+    """Run ``action`` once the session's transaction has committed; forget it on a rollback.
+
+    What the action raises comes out of the commit, after the data is durable.
+    """
+    if not session.info.get(_LISTENING):
+        session.info[_LISTENING] = True
+        event.listen(session, "after_commit", _run_pending)
+        event.listen(session, "after_rollback", _drop_pending)
+    session.info.setdefault(_ON_COMMIT, []).append(action)
+
+
+def _run_pending(session: Session) -> None:
+    for action in session.info.pop(_ON_COMMIT, []):
+        action()
+
+
+def _drop_pending(session: Session) -> None:
+    session.info.pop(_ON_COMMIT, None)
 
 
 def last_checkpoint_seq(session: Session) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,10 @@ from sqlmodel import Session
 from lifecycle.errors import InventoryError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# Alembic runs a migration through module-global proxies (``alembic.context``, ``alembic.op``):
+# two threads migrating at once (a command's progress watcher and its flow's tasks) break each
+# other, so a process migrates one engine at a time.
+_MIGRATE_LOCK = threading.Lock()
 
 # ``Engine`` and ``Session`` are named here for the rest of the project's type hints, so that no
 # module outside the inventory imports SQLAlchemy or SQLModel.
@@ -78,7 +83,7 @@ def migrate(engine: Engine) -> None:
     """Create or upgrade the schema to the latest Alembic revision."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
+    with _MIGRATE_LOCK, engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
 

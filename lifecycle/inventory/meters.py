@@ -7,7 +7,7 @@ holds key material in clear, a PIN or a transport key.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -163,3 +163,53 @@ def sample_blobs(session: Session, kek_label: str, limit: int = 8) -> list[bytes
     """Return up to ``limit`` key blobs wrapped under the given KEK (for known-answer checks)."""
     stmt = select(KeyVersion.blob).where(KeyVersion.kek_label == kek_label).limit(limit)
     return [bytes(b) for (b,) in session.execute(stmt)]
+
+
+def count_blobs(session: Session) -> int:
+    """Return the number of stored key blobs."""
+    return int(session.execute(select(func.count()).select_from(KeyVersion)).scalar_one())
+
+
+def stream_blobs(session: Session, chunk: int = 5000) -> Iterator[Sequence[Any]]:
+    """Yield every stored key blob with what it belongs to, in lists of ``chunk`` rows.
+
+    Each row has ``id, serial, system_title, key_id, version, kek_label, blob, mac``; memory
+    stays flat however large the inventory.
+    """
+    stmt = (select(KeyVersion.id, Meter.serial, Meter.system_title, KeyVersion.key_id,
+                   KeyVersion.version, KeyVersion.kek_label, KeyVersion.blob, KeyVersion.mac)
+            .join(Meter, Meter.id == KeyVersion.meter_id)
+            .order_by(KeyVersion.id)
+            .execution_options(yield_per=chunk))
+    yield from session.execute(stmt).partitions(chunk)
+
+
+def blob_of(session: Session, serial: str, key_id: int, version: int) -> Any:
+    """Return one stored blob with what it belongs to (as ``stream_blobs`` rows).
+
+    Raises:
+        InventoryError: the meter has no such key version.
+    """
+    row = session.execute(
+        select(KeyVersion.id, Meter.serial, Meter.system_title, KeyVersion.key_id,
+               KeyVersion.version, KeyVersion.kek_label, KeyVersion.blob, KeyVersion.mac)
+        .join(Meter, Meter.id == KeyVersion.meter_id)
+        .where(Meter.serial == serial, KeyVersion.key_id == key_id,
+               KeyVersion.version == version)).first()
+    if row is None:
+        raise InventoryError(f"meter {serial!r} has no key {key_id} version {version}")
+    return row
+
+
+def digest_holders(session: Session, digests: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Return the known source digests among the given ones (wrapped keys delivered before).
+
+    Each maps to (batch id, source row) of the meter whose key version carries it.
+    """
+    found: dict[str, tuple[int, int]] = {}
+    stmt = select(KeyVersion.source_digest, Meter.batch_id, Meter.source_row).join(
+        Meter, Meter.id == KeyVersion.meter_id)
+    for part in slices(list(dict.fromkeys(digests))):
+        for digest, batch, row in session.execute(stmt.where(KeyVersion.source_digest.in_(part))):
+            found.setdefault(str(digest), (int(batch), int(row)))
+    return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,8 +12,9 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlmodel import col
 
 from lifecycle import principals
-from lifecycle.audit import chain, trail
+from lifecycle.audit import chain, trail, witness
 from lifecycle.audit.chain import Actor
+from lifecycle.config import Settings
 from lifecycle.errors import AccessDenied, AuditError, InventoryError
 from lifecycle.inventory import db
 from lifecycle.inventory.audit_events import AuditCheckpoint, AuditEvent, AuditHead
@@ -29,26 +31,37 @@ def _fill(engine: Engine, n: int, start: int = 0) -> None:
                          detail={"n": i, "note": "ünïcode"}, at=T0 + timedelta(seconds=i))
 
 
-def _checkpoint(engine: Engine, hsm: Any, settings: Any) -> AuditCheckpoint | None:
-    with transaction(engine) as s, hsm.session() as hs:
-        return trail.checkpoint(s, hs, settings.audit_key_label, T0)
+class Audit:
+    """One test's trail: its inventory, the session token's audit key, a witness of its own."""
+
+    def __init__(self, engine: Engine, hsm: Any, settings: Settings) -> None:
+        self.engine, self.hsm, self.settings = engine, hsm, settings
+        with hsm.session() as hs:
+            self.pem = hs.public_key_pem(settings.audit_key_label).decode("ascii")
+
+    def checkpoint(self, every: int | None = None) -> AuditCheckpoint | None:
+        settings = self.settings if every is None else \
+            self.settings.model_copy(update={"audit_checkpoint_every": every})
+        with transaction(self.engine) as s, self.hsm.session() as hs:
+            if every is None:
+                return trail.checkpoint(s, hs, settings, T0)
+            return trail.maybe_checkpoint(s, hs, settings, T0)
+
+    def verify(self, pem: str | None = None) -> int:
+        pem = pem or self.pem
+        held = witness.file_of(self.settings).records()
+        with db.snapshot(self.engine) as s:
+            return trail.verify(s, pem, chain.key_fingerprint(self.pem), held)
+
+    def broken(self, pem: str | None = None) -> AuditError:
+        with pytest.raises(AuditError) as info:
+            self.verify(pem)
+        return info.value
 
 
 @pytest.fixture
-def pem(hsm: Any, settings: Any) -> str:
-    with hsm.session() as hs:
-        return str(hs.public_key_pem(settings.audit_key_label).decode("ascii"))
-
-
-def _verify(engine: Engine, pem: str) -> int:
-    with db.snapshot(engine) as s:
-        return trail.verify(s, pem)
-
-
-def _broken(engine: Engine, pem: str) -> AuditError:
-    with pytest.raises(AuditError) as info:
-        _verify(engine, pem)
-    return info.value
+def audit(engine: Engine, hsm: Any, settings: Settings, tmp_path: Path) -> Audit:
+    return Audit(engine, hsm, settings.model_copy(update={"witness_dir": tmp_path / "witness"}))
 
 
 def _sql(engine: Engine, stmt: Any) -> None:
@@ -57,20 +70,19 @@ def _sql(engine: Engine, stmt: Any) -> None:
 
 
 # --- intact --------------------------------------------------------------------------------------
-def test_empty_trail_verifies(engine: Engine, pem: str) -> None:
-    assert _verify(engine, pem) == 0
+def test_empty_trail_verifies(engine: Engine, audit: Audit) -> None:
+    assert audit.verify() == 0
 
 
-def test_intact_chain_with_checkpoints_verifies(engine: Engine, hsm: Any, settings: Any,
-                                                pem: str) -> None:
+def test_intact_chain_with_checkpoints_verifies(engine: Engine, audit: Audit) -> None:
     _fill(engine, 5)
-    first = _checkpoint(engine, hsm, settings)
+    first = audit.checkpoint()
     _fill(engine, 4, start=5)
-    second = _checkpoint(engine, hsm, settings)
+    second = audit.checkpoint()
     assert first is not None and first.seq == 5
     assert second is not None and second.seq == 9
-    assert _checkpoint(engine, hsm, settings) is None  # head already signed
-    assert _verify(engine, pem) == 9
+    assert audit.checkpoint() is None  # head already signed
+    assert audit.verify() == 9
     with transaction(engine) as s:
         rows = s.execute(select(AuditEvent).order_by(col(AuditEvent.seq))).scalars().all()
     assert [r.seq for r in rows] == list(range(1, 10))
@@ -78,25 +90,23 @@ def test_intact_chain_with_checkpoints_verifies(engine: Engine, hsm: Any, settin
     assert all(b.prev_hash == a.hash for a, b in zip(rows, rows[1:], strict=False))
 
 
-def test_record_many_appends_in_one_chain(engine: Engine, pem: str) -> None:
+def test_record_many_appends_in_one_chain(engine: Engine, audit: Audit) -> None:
     _fill(engine, 2)
     batch = [{"action": "batch.import", "outcome": "ok", "meter_serial": f"S{i}",
               "batch_id": 7, "detail": {"row": i}} for i in range(5000)]
     with transaction(engine) as s:
         assert trail.record_many(s, ALICE, batch, T0) == 5000
     _fill(engine, 1, start=2)
-    assert _verify(engine, pem) == 5003
+    assert audit.verify() == 5003
 
 
-def test_maybe_checkpoint_waits_for_every(engine: Engine, hsm: Any, settings: Any) -> None:
+def test_maybe_checkpoint_waits_for_every(engine: Engine, audit: Audit) -> None:
     _fill(engine, 3)
-    with transaction(engine) as s, hsm.session() as hs:
-        assert trail.maybe_checkpoint(s, hs, settings.audit_key_label, 4, T0) is None
+    assert audit.checkpoint(every=4) is None
     _fill(engine, 1, start=3)
-    with transaction(engine) as s, hsm.session() as hs:
-        made = trail.maybe_checkpoint(s, hs, settings.audit_key_label, 4, T0)
-        assert made is not None and made.seq == 4
-        assert trail.maybe_checkpoint(s, hs, settings.audit_key_label, 4, T0) is None
+    made = audit.checkpoint(every=4)
+    assert made is not None and made.seq == 4
+    assert audit.checkpoint(every=4) is None
 
 
 # --- tampering -----------------------------------------------------------------------------------
@@ -106,64 +116,63 @@ def test_maybe_checkpoint_waits_for_every(engine: Engine, hsm: Any, settings: An
     pytest.param({"principal": "mallory"}, id="principal"),
     pytest.param({"at": T0 + timedelta(days=1)}, id="time"),
 ])
-def test_altered_event_is_named(engine: Engine, pem: str, values: dict[str, Any]) -> None:
+def test_altered_event_is_named(engine: Engine, audit: Audit, values: dict[str, Any]) -> None:
     _fill(engine, 6)
     _sql(engine, update(AuditEvent).where(col(AuditEvent.seq) == 4).values(**values))
-    err = _broken(engine, pem)
+    err = audit.broken()
     assert err.seq == 4
     assert "altered" in err.reason
 
 
-def test_deleted_middle_event_is_named(engine: Engine, pem: str) -> None:
+def test_deleted_middle_event_is_named(engine: Engine, audit: Audit) -> None:
     _fill(engine, 6)
     _sql(engine, delete(AuditEvent).where(col(AuditEvent.seq) == 3))
-    err = _broken(engine, pem)
+    err = audit.broken()
     assert err.seq == 3
     assert "missing" in err.reason
 
 
-def test_deleted_first_event_is_named(engine: Engine, pem: str) -> None:
+def test_deleted_first_event_is_named(engine: Engine, audit: Audit) -> None:
     _fill(engine, 3)
     _sql(engine, delete(AuditEvent).where(col(AuditEvent.seq) == 1))
-    assert _broken(engine, pem).seq == 1
+    assert audit.broken().seq == 1
 
 
-def test_renumbered_gap_breaks_the_link(engine: Engine, pem: str) -> None:
+def test_renumbered_gap_breaks_the_link(engine: Engine, audit: Audit) -> None:
     _fill(engine, 5)
     _sql(engine, delete(AuditEvent).where(col(AuditEvent.seq) == 3))
     _sql(engine, update(AuditEvent).where(col(AuditEvent.seq) > 3).values(
         seq=AuditEvent.seq - 1))  # type: ignore[operator]
-    err = _broken(engine, pem)
+    err = audit.broken()
     assert err.seq == 3
     assert "prev_hash" in err.reason
 
 
-def test_truncation_against_the_head_is_named(engine: Engine, pem: str) -> None:
+def test_truncation_against_the_head_is_named(engine: Engine, audit: Audit) -> None:
     _fill(engine, 7)
     _sql(engine, delete(AuditEvent).where(col(AuditEvent.seq) >= 6))
-    err = _broken(engine, pem)
+    err = audit.broken()
     assert err.seq == 6
     assert "truncated" in err.reason
 
 
 def test_truncation_with_rewound_head_is_caught_by_checkpoint(
-        engine: Engine, hsm: Any, settings: Any, pem: str) -> None:
+        engine: Engine, audit: Audit) -> None:
     _fill(engine, 7)
-    _checkpoint(engine, hsm, settings)  # signs seq 7
+    audit.checkpoint()  # signs seq 7
     with transaction(engine) as s:
         last = s.execute(select(AuditEvent.hash).where(col(AuditEvent.seq) == 5)).scalar_one()
     _sql(engine, delete(AuditEvent).where(col(AuditEvent.seq) >= 6))
     _sql(engine, update(AuditHead).values(seq=5, hash=last))  # a careful attacker
-    err = _broken(engine, pem)
+    err = audit.broken()
     assert err.seq == 6
     assert "checkpoint" in err.reason and "truncated" in err.reason
 
 
-def test_rehashed_tail_is_caught_by_checkpoint(engine: Engine, hsm: Any, settings: Any,
-                                               pem: str) -> None:
+def test_rehashed_tail_is_caught_by_checkpoint(engine: Engine, audit: Audit) -> None:
     """An attacker who alters event 2 and recomputes every later hash still fails the checkpoint."""
     _fill(engine, 4)
-    _checkpoint(engine, hsm, settings)
+    audit.checkpoint()
     with transaction(engine) as s:
         rows = [dict(r._mapping) for r in s.execute(
             select(AuditEvent.__table__).order_by(col(AuditEvent.seq)))]  # type: ignore[attr-defined]
@@ -175,36 +184,35 @@ def test_rehashed_tail_is_caught_by_checkpoint(engine: Engine, hsm: Any, setting
         _sql(engine, update(AuditEvent).where(col(AuditEvent.seq) == row["seq"]).values(
             outcome=row["outcome"], prev_hash=row["prev_hash"], hash=row["hash"]))
     _sql(engine, update(AuditHead).values(hash=prev))
-    err = _broken(engine, pem)
+    err = audit.broken()
     assert err.seq == 4
     assert "differs" in err.reason
 
 
-def test_altered_checkpoint_signature_is_named(engine: Engine, hsm: Any, settings: Any,
-                                               pem: str) -> None:
+def test_altered_checkpoint_signature_is_named(engine: Engine, audit: Audit) -> None:
     _fill(engine, 3)
-    made = _checkpoint(engine, hsm, settings)
+    made = audit.checkpoint()
     assert made is not None
     _fill(engine, 2, start=3)
     sig = bytearray(made.signature)
     sig[-1] ^= 0x01
     _sql(engine, update(AuditCheckpoint).where(col(AuditCheckpoint.id) == made.id).values(
         signature=bytes(sig)))
-    err = _broken(engine, pem)
+    err = audit.broken()
     assert err.seq == 3
     assert "bad signature" in err.reason
 
 
-def test_checkpoint_of_another_key_is_refused(engine: Engine, hsm: Any, settings: Any) -> None:
+def test_checkpoint_of_another_key_is_refused(engine: Engine, audit: Audit) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     _fill(engine, 2)
-    _checkpoint(engine, hsm, settings)
+    audit.checkpoint()
     other = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    err = _broken(engine, other)
-    assert (err.seq, "bad signature" in err.reason) == (2, True)
+    err = audit.broken(other)
+    assert err.seq is None and "not the key pinned" in err.reason
 
 
 @pytest.mark.parametrize(("values", "seq", "words"), [
@@ -212,37 +220,36 @@ def test_checkpoint_of_another_key_is_refused(engine: Engine, hsm: Any, settings
     pytest.param({"seq": 4}, 5, "beyond the head", id="head-seq-back"),
     pytest.param({"seq": 9}, 6, "truncated", id="head-seq-ahead"),
 ])
-def test_altered_head_is_named(engine: Engine, pem: str, values: dict[str, Any], seq: int,
+def test_altered_head_is_named(engine: Engine, audit: Audit, values: dict[str, Any], seq: int,
                                words: str) -> None:
     _fill(engine, 5)
     _sql(engine, update(AuditHead).values(**values))
-    err = _broken(engine, pem)
+    err = audit.broken()
     assert err.seq == seq
     assert words in err.reason
 
 
-def test_missing_head_is_named_and_not_restarted(engine: Engine, pem: str) -> None:
+def test_missing_head_is_named_and_not_restarted(engine: Engine, audit: Audit) -> None:
     _fill(engine, 3)
     _sql(engine, delete(AuditHead))
-    assert _broken(engine, pem).seq == 3
+    assert audit.broken().seq == 3
     with pytest.raises(AuditError, match="head is missing"), transaction(engine) as s:
         trail.record(s, ALICE, "meter.read", "ok", at=T0)
 
 
-def test_checkpoint_refuses_to_sign_a_forged_head(engine: Engine, hsm: Any,
-                                                  settings: Any) -> None:
+def test_checkpoint_refuses_to_sign_a_forged_head(engine: Engine, audit: Audit) -> None:
     _fill(engine, 3)
     _sql(engine, update(AuditHead).values(hash="a" * 64))
     with pytest.raises(AuditError) as info:
-        _checkpoint(engine, hsm, settings)
+        audit.checkpoint()
     assert info.value.seq == 3
 
 
-def test_first_bad_event_wins(engine: Engine, pem: str) -> None:
+def test_first_bad_event_wins(engine: Engine, audit: Audit) -> None:
     _fill(engine, 8)
     _sql(engine, update(AuditEvent).where(col(AuditEvent.seq) == 6).values(outcome="x"))
     _sql(engine, update(AuditEvent).where(col(AuditEvent.seq) == 2).values(outcome="x"))
-    assert _broken(engine, pem).seq == 2
+    assert audit.broken().seq == 2
 
 
 # --- key material --------------------------------------------------------------------------------
@@ -270,10 +277,10 @@ def test_key_material_is_refused(engine: Engine, detail: dict[str, Any]) -> None
     pytest.param({"mapping": "vendor-a", "shipping": "x"}, id="pin-inside-word"),
     pytest.param({"flow": "3f2b1c4d-0a1b-4c2d-8e9f-001122334455"}, id="dashed-uuid"),
 ])
-def test_reference_details_are_kept(engine: Engine, pem: str, detail: dict[str, Any]) -> None:
+def test_reference_details_are_kept(engine: Engine, audit: Audit, detail: dict[str, Any]) -> None:
     with transaction(engine) as s:
         trail.record(s, ALICE, "meter.read", "ok", detail=detail, at=T0)
-    assert _verify(engine, pem) == 1
+    assert audit.verify() == 1
 
 
 def test_record_many_refuses_the_whole_batch(engine: Engine) -> None:
@@ -286,7 +293,7 @@ def test_record_many_refuses_the_whole_batch(engine: Engine) -> None:
 
 
 # --- roles ---------------------------------------------------------------------------------------
-def test_denied_action_leaves_an_audit_event(engine: Engine, pem: str) -> None:
+def test_denied_action_leaves_an_audit_event(engine: Engine, audit: Audit) -> None:
     assert principals.enroll(engine, "root", "sofia", principals.SECURITY_OFFICER, at=T0) is True
     assert principals.enroll(engine, "sofia", "olga", principals.OPERATOR, at=T0) is False
     with pytest.raises(AccessDenied) as info:
@@ -305,7 +312,7 @@ def test_denied_action_leaves_an_audit_event(engine: Engine, pem: str) -> None:
         (3, "olga", "hsm.init", "denied", "run-9"),
         (4, "nobody", "audit.read", "denied", None),
     ]
-    assert _verify(engine, pem) == 4
+    assert audit.verify() == 4
 
 
 def test_enroll_needs_principal_manage(engine: Engine) -> None:
@@ -326,7 +333,7 @@ def test_enroll_needs_principal_manage(engine: Engine) -> None:
 
 
 # --- concurrency ---------------------------------------------------------------------------------
-def test_concurrent_appenders_stay_linear(engine: Engine, pem: str) -> None:
+def test_concurrent_appenders_stay_linear(engine: Engine, audit: Audit) -> None:
     per_thread, errors = 25, []
     barrier = threading.Barrier(2)
 
@@ -350,7 +357,7 @@ def test_concurrent_appenders_stay_linear(engine: Engine, pem: str) -> None:
         t.join(timeout=120)
     assert errors == []
     expected = 2 * (per_thread + 3 * 5)
-    assert _verify(engine, pem) == expected
+    assert audit.verify() == expected
     with transaction(engine) as s:
         seqs = s.execute(select(AuditEvent.seq).order_by(col(AuditEvent.seq))).scalars().all()
         by = s.execute(select(AuditEvent.principal, func.count()).group_by(

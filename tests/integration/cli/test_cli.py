@@ -63,3 +63,26 @@ def test_roles_are_enforced_on_the_command_line(fleet, run, tmp_path: Path) -> N
     assert unknown.exit_code == 1 and "'mallory' (role none)" in unknown.output
     with db.transaction(fleet.engine) as session:
         assert meters.count_meters(session) == 0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_inventory_verify_names_a_swapped_blob(fleet, run, tmp_path: Path) -> None:
+    files = fleet.batch("acme", tmp_path, 4)
+    assert run("test-operator", "import", str(files.data), "--vendor", "acme",
+               "--workers", "0").exit_code == 0
+    good = run("test-auditor", "inventory", "verify")
+    assert good.exit_code == 0, good.output
+    assert "16 key blobs verified" in good.output
+    assert run("test-operator", "inventory", "verify").exit_code == 1  # operators may not
+    # A writer of the database swaps the GAK blobs (and MACs) of two meters.
+    with fleet.engine.begin() as conn:
+        rows = conn.execute(text(
+            "SELECT kv.id, kv.blob, kv.mac, m.serial FROM key_version kv JOIN meter m "
+            "ON m.id = kv.meter_id WHERE kv.key_id = 2 ORDER BY m.serial LIMIT 2")).all()
+        for (row_id, *_), (_, blob, mac, _) in zip(rows, reversed(rows), strict=True):
+            conn.execute(text("UPDATE key_version SET blob = :b, mac = :m WHERE id = :i"),
+                         {"b": blob, "m": mac, "i": row_id})
+    bad = run("test-auditor", "inventory", "verify")
+    assert bad.exit_code == 2
+    assert "2 of 16 key blobs fail" in bad.output
+    assert rows[0].serial in bad.output and rows[1].serial in bad.output

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
+from pkcs11 import Attribute, KeyType, ObjectClass
 
 from lifecycle.audit import trail
 from lifecycle.hsm.connection import Hsm
+from lifecycle.hsm.session import SessionKey
 from lifecycle.inventory import db, meters
 from lifecycle.policy import KeyId
 from simulator.manufacturer import read_meter_secrets
@@ -30,17 +34,31 @@ def test_imports_every_format_and_rewraps_under_the_storage_kek(fleet, tmp_path:
         meter = meters.get_meter(session, next(iter(secrets)))
         versions = meters.key_versions(session, int(meter.id or 0))
     assert [v.key_id for v in versions] == [int(k) for k in KeyId]
-    # The blob is the meter's own key wrapped under the storage KEK: unwrapped in the HSM, it
-    # seals a message that software opens with the key the simulated meter holds.
+    # Each blob is the meter's own key under its storage KEK. A usage key (GUEK, GBEK, GAK)
+    # comes out for AES-GCM only: it seals a message that software opens with the meter's key.
+    # The master key comes out for key wrap only: it wraps a key of known value, and software
+    # unwraps that with the meter's master key (as the meter will, DLMS global_key_transfer).
     iv, aad = bytes(range(12)), b"\x30"
+    assert {v.kek_label for v in versions if v.key_id != KeyId.KEK} == \
+        {fleet.settings.storage_kek_label}
+    assert [v.kek_label for v in versions if v.key_id == KeyId.KEK] == \
+        [fleet.settings.master_kek_label]
     with Hsm.open(fleet.settings).session() as s:
         for version in versions:
-            key = s.unwrap_aes(fleet.settings.storage_kek_label, version.blob)
-            with s.scoped(key):
-                sealed = s.gcm_encrypt(key, iv, aad, b"meterkeys", tag_bits=128)
             plain_key = bytes.fromhex(secrets[meter.serial][KeyId(version.key_id).field])
-            assert AESGCM(plain_key).decrypt(iv, sealed, aad) == b"meterkeys"
             assert plain_key not in version.blob
+            with s.scoped(s.unwrap_stored(version.kek_label, version.blob)) as key:
+                if version.key_id != KeyId.KEK:
+                    sealed = s.gcm_encrypt(key, iv, aad, b"meterkeys", tag_bits=128)
+                    assert AESGCM(plain_key).decrypt(iv, sealed, aad) == b"meterkeys"
+                    continue
+                known = os.urandom(16)
+                probe = SessionKey(s._session.create_object({  # a key of known value, by test
+                    Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+                    Attribute.TOKEN: False, Attribute.VALUE: known,
+                    Attribute.EXTRACTABLE: True}), 128)
+                with s.scoped(probe):
+                    assert aes_key_unwrap(plain_key, s.wrap_aes(key, probe)) == known
 
 
 def test_rerun_imports_nothing_twice(fleet, tmp_path: Path) -> None:

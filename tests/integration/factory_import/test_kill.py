@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.audit import trail
 from lifecycle.hsm.connection import Hsm
+from lifecycle.installation import steps
 from lifecycle.inventory import batches, db, meters
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
@@ -108,5 +108,4 @@ def test_sigkill_during_import_loses_nothing_and_duplicates_nothing(fleet, tmp_p
     assert killed_midway >= KILLS // 2, killed_midway
     with Hsm.open(fleet.settings).session() as s:
         pem = s.public_key_pem(fleet.settings.audit_key_label).decode()
-    with db.snapshot(fleet.engine) as session:
-        assert trail.verify(session, pem) > KILLS * METERS
+    assert steps.verify_trail(fleet.settings, fleet.engine, pem) > KILLS * METERS

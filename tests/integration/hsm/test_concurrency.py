@@ -6,35 +6,55 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import secrets
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import pkcs11
 import pytest
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+from pkcs11 import Attribute, KeyType, ObjectClass
 
 from lifecycle.config import Settings
 from lifecycle.hsm import boundary
 from lifecycle.hsm.connection import Hsm
-from lifecycle.hsm.session import HsmSession
+from lifecycle.hsm.session import HsmSession, SessionKey
 
 THREADS = 8
 PROCESSES = 2
 ROUNDS = 400  # per worker; each round is about a dozen PKCS#11 operations
 IV = bytes(12)
 AAD = b"\x30" + bytes(16)
+MAC_LABEL = "meterkeys-blob-mac"  # the default of Settings.blob_mac_label
+
+
+def _transport(s: HsmSession, value: bytes) -> SessionKey:
+    """A session key of known value that may only unwrap, standing in for a transport key."""
+    with boundary.CALL_LOCK:
+        obj = s._session.create_object({
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.TOKEN: False, Attribute.VALUE: value, Attribute.UNWRAP: True})
+    return SessionKey(obj, len(value) * 8)
 
 
 def _round(s: HsmSession, kek: str, signer: str, n: int) -> None:
-    """One round of every operation kind: generate, wrap, unwrap, rewrap, sign, GCM."""
+    """One round of every operation kind: generate, wrap, unwrap, rewrap, MAC, sign, GCM."""
     with s.scoped(s.generate_session_aes(128)) as key:
         blob = s.wrap_aes(kek, key)
-        sealed = s.gcm_encrypt(key, IV, AAD, n.to_bytes(8, "big"))
-        with s.scoped(s.unwrap_aes(kek, blob)) as again:
-            if s.gcm_decrypt(again, IV, AAD, sealed) != n.to_bytes(8, "big"):
-                raise AssertionError("GCM round trip through a re-unwrapped key differs")
-    if s.rewrap(kek, [blob], kek) != [blob]:
-        raise AssertionError("rewrap under the same KEK changed the blob")
+    with s.scoped(s.unwrap_aes(kek, blob)) as first:
+        sealed = s.gcm_encrypt(first, IV, AAD, n.to_bytes(8, "big"))
+    with s.scoped(s.unwrap_aes(kek, blob)) as again:
+        if s.gcm_decrypt(again, IV, AAD, sealed) != n.to_bytes(8, "big"):
+            raise AssertionError("GCM round trip through a re-unwrapped key differs")
+    value = secrets.token_bytes(32)
+    with s.scoped(_transport(s, value)) as transport:
+        (moved,) = s.rewrap(transport, [aes_key_wrap(value, bytes(16))], [kek])
+    if moved is None:
+        raise AssertionError("rewrap lost a key")
+    s.destroy(s.unwrap_aes(kek, moved))
+    if not all(s.verify_mac(MAC_LABEL, [moved], s.mac(MAC_LABEL, [moved]))):
+        raise AssertionError("MAC does not verify")
     s.sign_ecdsa(signer, hashlib.sha256(n.to_bytes(8, "big")).digest())
 
 
@@ -118,6 +138,8 @@ class _Observed:
             self._record(name)
             result = attr(*[_unwrapped(a) for a in args],
                           **{k: _unwrapped(v) for k, v in kwargs.items()})
+            if hasattr(result, "__next__"):  # get_objects: a search iterator of objects
+                return [_Observed(obj, self._log) for obj in result]
             return _Observed(result, self._log) if _is_pkcs11_object(result) else result
 
         return call

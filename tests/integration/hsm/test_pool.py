@@ -33,7 +33,7 @@ def transport(settings, hsm):  # type: ignore[no-untyped-def]
 
 def _job(settings, transport, keys: list[bytes]) -> RewrapJob:  # type: ignore[no-untyped-def]
     oaep, wrapped, _ = transport
-    return RewrapJob(LABEL, oaep, wrapped, keys, settings.storage_kek_label)
+    return RewrapJob(LABEL, oaep, wrapped, keys)
 
 
 def _workers() -> list[psutil.Process]:
@@ -49,10 +49,10 @@ def test_workers_rewrap_like_the_process_itself(settings, hsm, transport) -> Non
     with HsmWorkers(settings, 2) as pool:
         blobs = pool.result(pool.submit(run_rewrap, _job(settings, transport, keys)))
     assert [i for i, b in enumerate(blobs) if b is None] == [7]
-    with hsm.session() as s:  # each blob unwraps under the storage KEK: the same key sealed
-        for blob in blobs[:3]:
-            assert blob is not None and len(blob) == 24
-            s.destroy(s.unwrap_aes(settings.storage_kek_label, blob))
+    with hsm.session() as s:  # each blob unwraps under its storage KEK: the same key sealed
+        for sealed in blobs[:4]:
+            assert sealed is not None and len(sealed.blob) == 24
+            s.destroy(s.unwrap_stored(sealed.kek_label, sealed.blob))
 
 
 def test_a_killed_worker_fails_one_job_transiently_and_the_retry_succeeds(
@@ -87,8 +87,7 @@ def test_workers_are_replaced_after_a_bounded_number_of_jobs(settings, transport
 
 def test_a_permanent_error_in_a_worker_reaches_the_caller_as_itself(settings, transport) -> None:  # type: ignore[no-untyped-def]
     oaep, wrapped, _ = transport
-    job = RewrapJob("no-such-import-key", oaep, wrapped, [b"\0" * 24],
-                    settings.storage_kek_label)
+    job = RewrapJob("no-such-import-key", oaep, wrapped, [b"\0" * 24])
     with HsmWorkers(settings, 1) as pool:
         with pytest.raises(KeyNotFound) as info:
             pool.result(pool.submit(run_rewrap, job))
@@ -108,8 +107,7 @@ def test_a_permanent_error_in_a_worker_is_not_retried_by_prefect(
     from tasks.context import retry_on_transient
 
     oaep, wrapped, _ = transport
-    job = RewrapJob("no-such-import-key", oaep, wrapped, [b"\0" * 24],
-                    settings.storage_kek_label)
+    job = RewrapJob("no-such-import-key", oaep, wrapped, [b"\0" * 24])
 
     @task(persist_result=False, cache_policy=NO_CACHE, retries=3, retry_delay_seconds=0,
           retry_condition_fn=retry_on_transient)

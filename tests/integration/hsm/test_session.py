@@ -24,8 +24,14 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap, aes_key_wrap_wi
 from pkcs11 import Attribute, KeyType
 
 from lifecycle.config import Settings
-from lifecycle.errors import HsmError, IntegrityError, KeyNotFound, PermanentHsmError
-from lifecycle.hsm import boundary
+from lifecycle.errors import (
+    HsmError,
+    IntegrityError,
+    KeyNotFound,
+    KeyPolicyError,
+    PermanentHsmError,
+)
+from lifecycle.hsm import boundary, keyring
 from lifecycle.hsm.connection import Hsm
 from lifecycle.hsm.session import OAEP_MECHANISMS, HsmSession, ObjectClass, SessionKey
 
@@ -71,29 +77,63 @@ def test_storage_kek_is_token_sensitive_non_extractable(session: HsmSession,
         "token": True, "sensitive": True, "extractable": False}
 
 
-def test_audit_private_key_is_token_sensitive_non_extractable(session: HsmSession,
-                                                              settings: Settings) -> None:
-    private = session._find(settings.audit_key_label, ObjectClass.PRIVATE_KEY)
-    with boundary.CALL_LOCK:
-        attrs = (private[Attribute.TOKEN], private[Attribute.SENSITIVE],
-                 private[Attribute.EXTRACTABLE])
-    assert attrs == (True, True, False)
+@pytest.mark.parametrize("role", ["storage-kek", "storage-kek-master", "blob-mac",
+                                  "audit-signing"])
+def test_long_lived_keys_meet_their_policy(session: HsmSession, settings: Settings,
+                                           role: str) -> None:
+    label = keyring.role_labels(settings)[role]
+    kind = keyring.kind_of_role(role)
+    session.check_key(label, kind)
+    (shown, *other) = session.describe_key(label, kind).values()
+    assert shown["CKA_MODIFIABLE"] == shown["CKA_COPYABLE"] == shown["CKA_DESTROYABLE"] == "false"
+    assert shown["CKA_EXTRACTABLE"] == "false" and shown["CKA_SENSITIVE"] == "true"
+    assert shown["CKA_ALLOWED_MECHANISMS"] != "absent (any mechanism)"
+    assert all(half["CKA_MODIFIABLE"] == "false" for half in other)
+
+
+def test_check_value_is_deterministic(session: HsmSession, settings: Settings) -> None:
+    for role, label in keyring.role_labels(settings).items():
+        kind = keyring.kind_of_role(role)
+        assert session.check_key(label, kind) == session.check_key(label, kind)
+
+
+def test_mac_and_verify_mac(session: HsmSession, settings: Settings) -> None:
+    label = settings.blob_mac_label
+    messages = [b"meter 1 key 0 v1", b"meter 1 key 1 v1", b""]
+    tags = session.mac(label, messages)
+    assert [len(t) for t in tags] == [16, 16, 16] and len(set(tags)) == 3
+    assert session.mac(label, messages) == tags
+    assert session.verify_mac(label, messages, tags) == [True, True, True]
+    assert session.verify_mac(label, messages, [tags[1], _flip(tags[1]), tags[2]]) == \
+        [False, False, True]
+    with pytest.raises(PermanentHsmError):
+        session.verify_mac(label, messages, tags[:2])
+    with pytest.raises(KeyPolicyError, match="CKA_SIGN is false"):
+        session.mac(settings.storage_kek_label, messages)
 
 
 # --- AES key wrap -----------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [128, 256])
-@pytest.mark.parametrize("pad", PADS)
-def test_generate_wrap_unwrap_round_trip(session: HsmSession, settings: Settings, bits: int,
-                                         pad: bool) -> None:
+def test_generate_wrap_unwrap_round_trip(session: HsmSession, settings: Settings,
+                                         bits: int) -> None:
     kek = settings.storage_kek_label
     with session.scoped(session.generate_session_aes(bits)) as key:
-        blob = session.wrap_aes(kek, key, pad=pad)
-    assert len(blob) == bits // 8 + 8
-    with session.scoped(session.unwrap_aes(kek, blob, pad=pad)) as again:
+        blob = session.wrap_aes(kek, key)
         # AES key wrap is deterministic: the same key under the same KEK gives the same blob.
-        assert session.wrap_aes(kek, again, pad=pad) == blob
+        assert session.wrap_aes(kek, key) == blob
+        # The KEK's CKA_ALLOWED_MECHANISMS is [AES_KEY_WRAP]: RFC 5649 is refused.
+        with pytest.raises(PermanentHsmError, match="MechanismInvalid"):
+            session.wrap_aes(kek, key, pad=True)
+    assert len(blob) == bits // 8 + 8
+    iv, aad = bytes(12), b"aad"
+    with session.scoped(session.unwrap_stored(kek, blob)) as again:
+        # Out of storage the key serves AES-GCM only and can never be wrapped again.
+        sealed = session.gcm_encrypt(again, iv, aad, b"meterkeys")
+        assert session.gcm_decrypt(again, iv, aad, sealed) == b"meterkeys"
+        with pytest.raises(PermanentHsmError, match="KeyUnextractable"):
+            session.wrap_aes(kek, again)
     with session.scoped(session.generate_session_aes(bits)) as other:
-        assert session.wrap_aes(kek, other, pad=pad) != blob
+        assert session.wrap_aes(kek, other) != blob
 
 
 def test_rfc3394_known_answer(session: HsmSession) -> None:
@@ -111,24 +151,40 @@ def test_rfc5649_matches_software(session: HsmSession) -> None:
         assert session.wrap_aes(kek, key, pad=True) == wrapped
 
 
-@pytest.mark.parametrize("pad", PADS)
+@pytest.mark.parametrize("master", [False, True], ids=["storage-kek", "master-kek"])
 def test_tampered_blob_fails_integrity_check(session: HsmSession, settings: Settings,
-                                             pad: bool) -> None:
-    kek = settings.storage_kek_label
+                                             master: bool) -> None:
+    kek = settings.master_kek_label if master else settings.storage_kek_label
     with session.scoped(session.generate_session_aes(128)) as key:
-        blob = session.wrap_aes(kek, key, pad=pad)
+        blob = session.wrap_aes(kek, key)
+    session.destroy(session.unwrap_stored(kek, blob))
     with pytest.raises(IntegrityError) as info:
-        session.unwrap_aes(kek, _flip(blob), pad=pad)
+        session.unwrap_stored(kek, _flip(blob))
     assert info.value.label == kek
     assert blob.hex() not in str(info.value)
 
 
-def test_rewrap_returns_none_for_tampered_entry(session: HsmSession, settings: Settings) -> None:
-    kek = settings.storage_kek_label
-    with session.scoped(session.generate_session_aes(128)) as key:
-        good = session.wrap_aes(kek, key)
-    out = session.rewrap(kek, [good, _flip(good), good], kek)
-    assert out == [good, None, good]
+def test_rewrap_to_each_keys_kek_returns_none_for_tampered_entry(session: HsmSession,
+                                                                 settings: Settings) -> None:
+    value = secrets.token_bytes(32)
+    meter_keys = [secrets.token_bytes(16) for _ in range(4)]
+    wrapped = [aes_key_wrap(value, k) for k in meter_keys]
+    storage, master = settings.storage_kek_label, settings.master_kek_label
+    targets = [storage, storage, storage, master]
+    with session.scoped(_import_test_key(session, value)) as transport:
+        out = session.rewrap(transport, [*wrapped, _flip(wrapped[0])], [*targets, storage])
+        with pytest.raises(PermanentHsmError, match="target KEKs"):
+            session.rewrap(transport, wrapped, targets[:3])
+    assert out[4] is None
+    blobs = [b for b in out[:4] if b is not None]
+    assert len(blobs) == 4 and len(set(blobs)) == 4
+    for blob, kek in zip(blobs, targets, strict=True):
+        session.destroy(session.unwrap_stored(kek, blob))
+    # Each blob unwraps under its own KEK only.
+    with pytest.raises(IntegrityError):
+        session.unwrap_stored(master, blobs[0])
+    with pytest.raises(IntegrityError):
+        session.unwrap_stored(storage, blobs[3])
 
 
 # --- RSA-OAEP import --------------------------------------------------------------------------
@@ -136,15 +192,17 @@ def test_rewrap_returns_none_for_tampered_entry(session: HsmSession, settings: S
 def import_key(session: HsmSession) -> Iterator[tuple[str, rsa.RSAPublicKey, str]]:
     """A throw-away RSA import key pair on the token; yields (label, public key, OAEP hash)."""
     label = f"test-import-{uuid.uuid4().hex[:8]}"
-    session.generate_token_rsa(label, 2048)
-    try:
-        pem = session.public_key_pem(label)
-        public = serialization.load_pem_public_key(pem)
-        assert isinstance(public, rsa.RSAPublicKey)
-        yield label, public, session.probe_oaep_hash(label, pem)
-    finally:
+    # Long-lived keys are non-destroyable: the pair stays on the test session's token.
+    pin = session.generate_token_rsa(label, 2048)
+    assert pin.role == f"import:{label}" and len(bytes.fromhex(pin.key_id)) == 16
+    pem = session.public_key_pem(label)
+    assert pin.check_value == hashlib.sha256(serialization.load_pem_public_key(pem).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+    public = serialization.load_pem_public_key(pem)
+    assert isinstance(public, rsa.RSAPublicKey)
+    yield label, public, session.probe_oaep_hash(label, pem)
+    with pytest.raises(PermanentHsmError, match="CKR_ACTION_PROHIBITED"):
         session.destroy_token_key(label, ObjectClass.PRIVATE_KEY)
-        session.destroy_token_key(label, ObjectClass.PUBLIC_KEY)
 
 
 def _oaep(name: str) -> padding.OAEP:
@@ -227,9 +285,11 @@ def test_missing_label_raises_key_not_found(session: HsmSession) -> None:
     missing = f"no-such-key-{uuid.uuid4().hex[:8]}"
     assert not session.has_key(missing)
     with session.scoped(session.generate_session_aes(128)) as key, \
-            pytest.raises(KeyNotFound) as info:
+            pytest.raises(KeyPolicyError) as info:
         session.wrap_aes(missing, key)
     assert info.value.label == missing
+    with pytest.raises(KeyNotFound):
+        session.mac(missing, [b"x"])
     with pytest.raises(KeyNotFound):
         session.sign_ecdsa(missing, bytes(32))
     with pytest.raises(KeyNotFound):

@@ -19,6 +19,8 @@ EXAMPLES: dict[type[MeterkeysError], MeterkeysError] = {
     errors.PermanentHsmError: errors.PermanentHsmError("unwrap", "MechanismInvalid", "kek"),
     errors.KeyNotFound: errors.KeyNotFound("find key", "no such key", "meterkeys-import-x"),
     errors.IntegrityError: errors.IntegrityError("AES key unwrap", "WrappedKeyInvalid"),
+    errors.KeyPolicyError: errors.KeyPolicyError("storage KEK", "meterkeys-storage-kek",
+                                                 "CKA_DECRYPT is true; policy: false"),
     errors.InventoryError: errors.InventoryError("unknown meter 'X1'"),
     errors.AccessDenied: errors.AccessDenied("olga", "operator", "hsm.backup"),
     errors.AuditError: errors.AuditError(7, "hash mismatch: the event was altered"),

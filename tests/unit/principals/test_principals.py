@@ -70,7 +70,8 @@ def test_security_officer_may_do_everything() -> None:
 
 def test_auditor_only_reads() -> None:
     allowed = {a for a in PERMISSIONS if may(AU, a)}
-    assert allowed == {"meter.read", "audit.read", "audit.verify", "principal.read"}
+    assert allowed == {"meter.read", "audit.read", "audit.verify", "inventory.verify",
+                       "principal.read"}
 
 
 def test_every_role_in_the_table_exists() -> None:
