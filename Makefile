@@ -17,7 +17,7 @@ lint: setup
 	$(VENV)/bin/mypy lifecycle tasks flows deployments simulator cli bench
 
 test: lint
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 serve: setup
 	$(VENV)/bin/meterkeys serve
