@@ -26,4 +26,4 @@ bench: setup
 	$(PY) bench/import_bench.py --meters 100000 --workers 2
 
 clean:
-	rm -rf var
+	rm -rf var var-simulation
