@@ -3,7 +3,7 @@
 The attacker holds the token's user PIN (every host that runs an import does) and the stored
 blobs (read from the inventory). meterkeys' own API only makes the blobs and the victim keys;
 every attack step is a plain PKCS#11 call. Each test asserts that no plaintext key comes out.
-On the templates before issue 10 every one of them returned the meter key (scratch findings §3).
+On the templates before issue 10 every one of them returned the meter key.
 """
 
 from __future__ import annotations

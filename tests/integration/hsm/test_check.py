@@ -19,7 +19,7 @@ from lifecycle.installation import steps
 from lifecycle.inventory import hsm_keys
 from lifecycle.inventory.db import transaction
 
-# What SoftHSM2 2.6.1 enforces (scratch findings §2, §7): all but doubly nested templates.
+# What SoftHSM2 2.6.1 enforces (README "What the HSM enforces"): all but doubly nested templates.
 SOFTHSM_PROBE = {"modifiable_false": True, "copyable_false": True, "destroyable_false": True,
                  "unwrap_template": True, "allowed_mechanisms": True, "wrap_with_trusted": True,
                  "user_cannot_set_trusted": True, "nested_unwrap_template": False}
