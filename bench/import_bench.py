@@ -80,7 +80,6 @@ def setup(home: Path, meters: int) -> dict[str, Any]:
     """Make a token, an inventory, the acme vendor and a suite-0 batch under ``home``."""
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-    from lifecycle import principals
     from lifecycle.config import load_settings
     from lifecycle.factory_import.vendor import ensure_import_key, import_key_label
     from lifecycle.installation import steps
@@ -94,8 +93,8 @@ def setup(home: Path, meters: int) -> dict[str, Any]:
     steps.init(s, engine, make_pin_files=True)
     maker = Manufacturer.create(home / "manufacturer", "acme", "P-256")
     mapping = ROOT / "simulator" / "mappings" / "acme.toml"
+    operator = enrol_bench_principals(s, engine, home / "principals")
     with transaction(engine) as session:
-        principals.add_principal(session, "bench", "operator")
         vendors.add_vendor(session, "acme", maker.signing_public_pem(),
                            mapping.read_text(encoding="utf-8"))
     label = import_key_label("acme")
@@ -107,15 +106,53 @@ def setup(home: Path, meters: int) -> dict[str, Any]:
     generated = time.perf_counter() - t0
     transport = secrets.token_bytes(32)
     return {"files": files, "label": label, "oaep": oaep, "generated_s": generated,
+            "operator": operator, "engine": engine,
             "wrapped_transport": wrap_transport_key(transport, pem.decode(), oaep),
             "probe": aes_key_wrap(transport, secrets.token_bytes(16))}
 
 
-def run_flow(path: Path, workers: int) -> tuple[dict[str, Any], float]:
-    from flows.factory_import import factory_import
+def enrol_bench_principals(s: Any, engine: Any, folder: Path) -> Any:
+    """Enrol two security officers and the operator "bench" with keys made under ``folder``;
+    return the operator's key. Signing and checking the one import request is not timed."""
+    from lifecycle import principals
+    from lifecycle.clock import utcnow
+    from lifecycle.identity import request, signers
 
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = {}
+    for name in ("bench-so", "bench-so-2", "bench"):
+        signers.generate(folder, name, "p256", None)
+        keys[name] = signers.FileSigner.load(folder / f"{name}.key.pem", None)
+    installation = principals.installation_id(engine)
+
+    def signed(name: str, params: dict[str, str], by: list[str]) -> list[Any]:
+        return [request.make(principals.ENROL, params, who, installation, utcnow(), keys[who])
+                for who in by]
+
+    root = principals.enrolment_params("bench-so", principals.SECURITY_OFFICER,
+                                       keys["bench-so"].public_key_pem())
+    principals.enrol_root(engine, s, signed("bench-so", root, ["bench-so"])[0],
+                          root["public_pem"], at=utcnow())
+    for name, role, by in (("bench-so-2", principals.SECURITY_OFFICER, ["bench-so"]),
+                           ("bench", principals.OPERATOR, ["bench-so", "bench-so-2"])):
+        params = principals.enrolment_params(name, role, keys[name].public_key_pem())
+        principals.enrol(engine, s, signed(name, params, by), name, role, params["public_pem"],
+                         at=utcnow())
+    return keys["bench"]
+
+
+def run_flow(path: Path, workers: int, operator: Any, engine: Any) -> tuple[dict[str, Any], float]:
+    from flows.factory_import import factory_import
+    from lifecycle import principals
+    from lifecycle.clock import utcnow
+    from lifecycle.identity import request
+
+    params: dict[str, Any] = {"file": str(path), "vendor": "acme", "mapping": None,
+                              "workers": workers}
+    signed = request.encode([principals.sign(engine, operator, "batch.import", params,
+                                             at=utcnow())])
     t0 = time.perf_counter()
-    summary = factory_import(file=str(path), vendor="acme", principal="bench", workers=workers)
+    summary = factory_import(**params, request=signed)
     return summary, time.perf_counter() - t0
 
 
@@ -183,7 +220,8 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120), RssSampler() as rss:
-        summary, seconds = run_flow(ctx["files"].data, args.workers)
+        summary, seconds = run_flow(ctx["files"].data, args.workers, ctx["operator"],
+                                    ctx["engine"])
     if summary["imported"] != args.meters:
         raise SystemExit(f"imported {summary['imported']} of {args.meters}")
     rate = args.meters / seconds

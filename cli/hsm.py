@@ -7,45 +7,70 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.common import authorize, console, engine, principal_name, reports_errors, settings
+from cli import dual
+from cli.common import authorize, console, engine, reports_errors, settings, signer
 from lifecycle import principals
 from lifecycle.audit.chain import Actor
+from lifecycle.clock import utcnow
+from lifecycle.errors import ConfigError
 from lifecycle.hsm.check import PROTECTIONS
+from lifecycle.identity import keys, request
 from lifecycle.installation import steps
 from lifecycle.inventory.db import transaction
 
 app = typer.Typer(no_args_is_help=True, help="The HSM token, its long-lived keys and backups.")
 
 
-def _authorize_init() -> Actor:
-    """Return who runs ``hsm init``; on an inventory without principals, the bootstrap: no check.
+def _authorize_init(name: str | None) -> Actor:
+    """Return who runs ``hsm init``: on an inventory without principals, the first security
+    officer, enrolled now with the configured key; afterwards a security officer's request.
 
-    As for the first principal (``lifecycle.principals``): with no principal enrolled, anyone
-    who reaches the inventory could bypass a check, and the token must exist before any. The
-    init is still audited, under the operating-system user (or METERKEYS_PRINCIPAL), no role.
+    The first officer's enrolment is signed by its own key (proof of possession) and its name
+    and key fingerprint are written to the trust anchor beside the audit witness, outside the
+    inventory (``lifecycle.principals.enrol_root``); every later principal is enrolled by
+    security officers' signatures that lead back to it.
 
     Raises:
+        ConfigError: no principal key configured, or no name given for the first officer.
         AccessDenied: the principal may not initialise the HSM.
     """
     with transaction(engine()) as session:
-        if not principals.list_principals(session):
-            return Actor(principal_name(), None)
-    return authorize("hsm.init")
+        empty = not principals.list_principals(session)
+    if not empty:
+        return authorize("hsm.init")
+    if not name:
+        raise ConfigError("no principal is enrolled yet: name the first security officer with "
+                          "--security-officer NAME (its key: METERKEYS_PRINCIPAL_KEY)")
+    key = signer()
+    pem = keys.normalize_pem(key.public_key_pem(), "METERKEYS_PRINCIPAL_KEY")
+    params = {"name": name, "role": principals.SECURITY_OFFICER, "public_pem": pem}
+    at = utcnow()
+    signed = request.make("principal.enrol", params, name, principals.installation_id(engine()),
+                          at, key)
+    principals.enrol_root(engine(), settings(), signed, pem, at=at)
+    console.print(f"principal [bold]{name}[/] enrolled as the first security officer "
+                  f"(key {keys.fingerprint(pem)})")
+    return Actor(name, principals.SECURITY_OFFICER)
 
 
 @app.command("init")
 @reports_errors
 def init(keep_so_pin: bool = typer.Option(False, "--keep-so-pin",
                                           help="keep the generated SO PIN file (default: "
-                                               "removed once the token is initialised)")) -> None:
-    """Create PIN files (embedded SoftHSM2 only), the token, its long-lived keys and the KEK canary.
+                                               "removed once the token is initialised)"),
+         security_officer: str | None = typer.Option(
+             None, "--security-officer",
+             help="on a new installation: the name of the first security officer, whose key "
+                  "is METERKEYS_PRINCIPAL_KEY")) -> None:
+    """Create PIN files (embedded SoftHSM2 only), the token, its long-lived keys and the KEK
+    canary; on a new installation, enrol the first security officer.
 
     Idempotent: what exists is reported as present and left alone.
     """
     s = settings()
     if keep_so_pin:
         s = s.model_copy(update={"keep_so_pin": True})
-    actor = _authorize_init()
+    actor = _authorize_init(security_officer)
     make_pins = s.is_softhsm and s.pin is None and s.pin_file is None and s.so_pin is None \
         and s.so_pin_file is None
     report = steps.init(s, engine(), make_pin_files=make_pins, actor=actor)
@@ -96,33 +121,26 @@ def check() -> None:
 @app.command("backup")
 @reports_errors
 def backup(dest: Path = typer.Argument(..., help="directory that receives <UTC timestamp>/"),
-           timeout: float = typer.Option(10.0, help="seconds to wait for the token lock")) -> None:
+           ) -> None:
     """Copy the token (never the PINs) into DEST/<UTC timestamp>/ as the next generation.
 
     The manifest lists every file's SHA-256 and the pinned long-lived keys, and is signed by the
-    HSM audit key.
+    HSM audit key. Dual control: performed when a second security officer approves.
     """
-    actor = authorize("hsm.backup")
-    result = steps.backup(settings(), engine(), actor, dest, timeout=timeout)
-    console.print(f"token backed up to [bold]{result.path}[/] (generation {result.generation})")
+    dual.request("hsm.backup", {"dest": str(dest.resolve())})
 
 
 @app.command("restore")
 @reports_errors
 def restore(src: Path = typer.Argument(..., help="a backup directory (holds manifest.json)"),
             force: bool = typer.Option(False, "--force",
-                                       help="restore an older or unrecorded generation (a "
-                                            "security officer's decision, audited as forced)"),
-            timeout: float = typer.Option(10.0, help="seconds to wait for the token lock")) -> None:
+                                       help="restore an older or unrecorded generation (two "
+                                            "security officers' decision, audited as forced)"),
+            ) -> None:
     """Restore a signed token backup of the latest generation, then delete the replaced token.
 
     Refused unless the signature, the object set, the pinned keys and the storage KEK's
-    known-answer check all pass; an older generation only with --force.
+    known-answer check all pass; an older generation only with --force. Dual control:
+    performed when a second security officer approves.
     """
-    actor = authorize("hsm.restore")
-    report = steps.restore(settings(), engine(), actor, src, force=force, timeout=timeout)
-    console.print(f"token generation {report.generation} restored into "
-                  f"[bold]{report.token_dir}[/] ({report.checked_keys} pinned keys and "
-                  f"{report.checked_blobs} blobs checked)")
-    if report.removed is not None:
-        console.print("the previous token directory was deleted")
+    dual.request("hsm.restore", {"src": str(src.resolve()), "force": force})

@@ -11,10 +11,13 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from cli.common import console, engine, err_console, principal_name, reports_errors
+from cli.common import console, engine, err_console, reports_errors, sign
+from cli.submit import submit_import
 from flows.factory_import import factory_import
 from lifecycle.errors import MeterkeysError
 from lifecycle.factory_import.batch_format import file_sha256
+from lifecycle.identity import request
+from lifecycle.identity.signers import Signer
 from lifecycle.inventory import batches, vendors
 from lifecycle.inventory.db import transaction
 
@@ -23,28 +26,46 @@ from lifecycle.inventory.db import transaction
 def import_file(file: Path = typer.Argument(..., help="the vendor's batch data file"),
                 vendor: str = typer.Option(..., help="the vendor that produced it"),
                 mapping: Path | None = typer.Option(None, help="override the vendor's mapping"),
-                workers: int | None = typer.Option(None, help="HSM worker processes")) -> None:
-    """Import a factory batch through the factory-import flow."""
+                workers: int | None = typer.Option(None, help="HSM worker processes"),
+                submit: bool = typer.Option(False, "--submit",
+                                            help="hand the signed request to the served "
+                                                 "factory-import deployment (meterkeys serve) "
+                                                 "instead of running it here; needs no PIN")
+                ) -> None:
+    """Import a factory batch through the factory-import flow, signed with your key."""
+    if submit:
+        run_id = submit_import(file.resolve(), vendor, mapping, workers)
+        console.print(f"flow run {run_id} submitted to the factory-import deployment; follow "
+                      "it in the Prefect UI")
+        return
     summary = run_import(file, vendor, mapping, workers)
     console.print(f"{summary['imported']} meters imported, {summary['quarantined']} rows "
                   f"quarantined, of {summary['records']} ({file.name})")
 
 
+def import_params(file: Path, vendor: str, mapping: Path | None,
+                  workers: int | None) -> dict[str, object]:
+    """The parameters of a factory-import run, as the flow signs and checks them."""
+    return {"file": str(file.resolve()), "vendor": vendor,
+            "mapping": str(mapping) if mapping else None, "workers": workers}
+
+
 def run_import(file: Path, vendor: str, mapping: Path | None,
-               workers: int | None) -> dict[str, object]:
-    """Run the flow in this process while a progress bar follows the batch in the inventory.
+               workers: int | None, key: Signer | None = None) -> dict[str, object]:
+    """Sign the import with the principal's key and run the flow in this process while a
+    progress bar follows the batch in the inventory.
 
     Raises:
         MeterkeysError: the flow failed with a project error.
     """
+    params = import_params(file, vendor, mapping, workers)
+    signed = request.encode([sign("batch.import", params, key)])
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(file, vendor, stop), daemon=True)
     watcher.start()
     try:
         with _quiet_run_errors():
-            state = factory_import(file=str(file.resolve()), vendor=vendor,
-                                   principal=principal_name(),
-                                   mapping=str(mapping) if mapping else None, workers=workers,
+            state = factory_import(**params, request=signed,  # type: ignore[arg-type]
                                    return_state=True)
     finally:
         stop.set()

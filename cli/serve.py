@@ -73,7 +73,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="address of the Prefect UI 
                                   f"{host}:{port}")
                 raise typer.Exit(1)
             time.sleep(1)
-    console.print(f"Prefect UI: {base}  (deployments: factory-import); Ctrl-C to stop")
+    console.print(f"Prefect UI: {base}  (deployments: factory-import, audit-checkpoint "
+                  "hourly); Ctrl-C to stop")
     try:
         with temporary_settings(updates={PREFECT_API_URL: api,
                                          PREFECT_API_AUTH_STRING: auth_string}):

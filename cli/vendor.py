@@ -7,9 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.common import authorize, console, engine, reports_errors, settings
-from lifecycle.clock import utcnow
-from lifecycle.factory_import import vendor as vendor_steps
+from cli import dual
+from cli.common import console, engine, reports_errors
 from lifecycle.factory_import.reader import Mapping
 from lifecycle.inventory import vendors
 from lifecycle.inventory.db import transaction
@@ -26,12 +25,14 @@ def add(name: str = typer.Argument(..., help="vendor name, e.g. acme"),
         mapping: Path = typer.Option(..., exists=True, dir_okay=False,
                                      help="TOML mapping of the vendor's file onto the "
                                           "canonical batch fields")) -> None:
-    """Onboard a vendor: its manifest signing key and its file mapping."""
-    actor = authorize("vendor.add")
-    vendor_steps.add_vendor(engine(), actor, name, signing_key.read_text(encoding="utf-8"),
-                            mapping.read_text(encoding="utf-8"), source=str(mapping),
-                            at=utcnow())
-    console.print(f"vendor [bold]{name}[/] added")
+    """Onboard a vendor: its manifest signing key and its file mapping (dual control).
+
+    Leaves a request that a second security officer approves with `meterkeys approve`.
+    """
+    dual.request("vendor.add", {"name": name,
+                                "signing_pem": signing_key.read_text(encoding="utf-8"),
+                                "mapping_toml": mapping.read_text(encoding="utf-8"),
+                                "source": str(mapping)})
 
 
 @app.command("import-key")
@@ -39,13 +40,9 @@ def add(name: str = typer.Argument(..., help="vendor name, e.g. acme"),
 def import_key(name: str = typer.Argument(..., help="vendor name"),
                out: Path = typer.Option(..., help="where to write the public key PEM for the "
                                                   "manufacturer")) -> None:
-    """Generate (once) the vendor's RSA import key pair in the HSM and export its public key."""
-    actor = authorize("vendor.import-key")
-    pem, oaep = vendor_steps.issue_import_key(engine(), settings(), actor, name, at=utcnow())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(pem)
-    console.print(f"import public key of [bold]{name}[/] written to {out}; the manufacturer "
-                  f"wraps each batch transport key with RSA-OAEP-{oaep.upper()} under it")
+    """Generate (once) the vendor's RSA import key pair in the HSM and export its public key
+    (dual control: performed when a second security officer approves)."""
+    dual.request("vendor.import-key", {"name": name, "out": str(out.resolve())})
 
 
 @app.command("list")

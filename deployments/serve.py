@@ -1,22 +1,44 @@
-"""Deployments as code: what `meterkeys serve` offers in the Prefect UI."""
+"""Deployments as code: what `meterkeys serve` offers in the Prefect UI.
+
+A run started from a deployment's form carries no signed request: it waits, paused, until a
+principal allowed to perform its action signs its parameters with `meterkeys approve RUN_ID`.
+Runs created by a schedule act as the system principal (tasks/approval.py).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from flows.audit_checkpoint import audit_checkpoint
 from flows.factory_import import factory_import
+
+FACTORY_IMPORT = "factory-import"
+AUDIT_CHECKPOINT = "audit-checkpoint"
+CHECKPOINT_EVERY_SECONDS = 3600
+_APPROVE = ("A run started here waits for `meterkeys approve RUN_ID` by a principal allowed "
+            "to {action} (leave `request` empty).")
 
 
 def deployments() -> list[Any]:
     """Return the deployments of meterkeys (one per lifecycle process built so far)."""
     return [
         factory_import.to_deployment(
-            name="factory-import",
+            name=FACTORY_IMPORT,
             description="Verify a manufacturer's factory batch and take its meters' keys "
                         "into HSM custody. Parameters: the batch data file (its manifest lies "
-                        "beside it), the vendor, and the principal running the import.",
+                        "beside it), the vendor, an optional mapping file and the HSM workers. "
+                        + _APPROVE.format(action="import batches"),
             tags=["meterkeys", "import"],
             concurrency_limit=2,
+        ),
+        audit_checkpoint.to_deployment(
+            name=AUDIT_CHECKPOINT,
+            description="Verify the audit trail and sign its head with the HSM audit key, "
+                        "every hour as the system principal. "
+                        + _APPROVE.format(action="checkpoint the trail"),
+            tags=["meterkeys", "audit"],
+            interval=CHECKPOINT_EVERY_SECONDS,
+            concurrency_limit=1,
         ),
     ]
 

@@ -11,29 +11,33 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from tasks import audit, hsm
+from tasks import approval, audit, hsm
 from tasks import factory_import as t
 
 if TYPE_CHECKING:
     from lifecycle.factory_import.steps import ChunkResult
 
+ACTION = "batch.import"
 IN_FLIGHT_PER_WORKER = 2
 
 
 @flow(name="factory-import", task_runner=ThreadPoolTaskRunner(max_workers=6),  # type: ignore[arg-type]
       persist_result=False, on_failure=[audit.close_failed_run])
-def factory_import(file: str, vendor: str, principal: str, mapping: str | None = None,
-                   workers: int | None = None) -> dict[str, Any]:
+def factory_import(file: str, vendor: str, mapping: str | None = None,
+                   workers: int | None = None, request: str | None = None) -> dict[str, Any]:
     """Verify a factory batch and take its meters' keys into custody, chunk by chunk.
 
     Args:
         file: path of the vendor's data file (its manifest lies beside it).
         vendor: the vendor as onboarded with `meterkeys vendor add`.
-        principal: who runs the import (needs the operator or security-officer role).
         mapping: a mapping file overriding the vendor's stored column mapping.
         workers: HSM worker processes (default: from settings, the number of cores).
+        request: the signed request of an operator or security officer over the other four
+            parameters (`meterkeys import --submit` fills it in). Leave it empty here: the
+            run then waits for `meterkeys approve RUN_ID`.
     """
-    actor = t.authorize(principal, "batch.import")
+    params = {"file": file, "vendor": vendor, "mapping": mapping, "workers": workers}
+    actor = approval.authorize_run(ACTION, params, request)
     hsm.check_keys()
     plan = t.verify_batch(file, vendor, actor, mapping)
     if not plan.completed:

@@ -54,7 +54,22 @@ class Settings(BaseSettings):
     chunk_size: int = Field(default=5000, ge=1)
     worker_recycle_jobs: int = Field(default=25, ge=1,
                                      description="jobs after which an HSM worker is replaced")
-    principal: str | None = None
+    principal_key: str | None = Field(default=None, description="your principal's private key: "
+                                      "a PEM file, or pkcs11:token=LABEL;object=LABEL (a smart "
+                                      "card)")
+    principal_key_passphrase_file: Path | None = Field(default=None, description="file holding "
+                                                       "the passphrase of the PEM private key")
+    principal_key_pin_file: Path | None = Field(default=None, description="file holding the "
+                                                "smart card's PIN")
+    principal_key_module: Path | None = Field(default=None, description="the smart card's "
+                                              "PKCS#11 module (default: the HSM's)")
+    request_max_age_seconds: int = Field(default=900, ge=1, description="how old the newest "
+                                         "signature of a request may be")
+    approval_window_seconds: int = Field(default=86400, ge=1, description="how old any "
+                                         "signature of a dual-control request may be")
+    approval_timeout_seconds: int = Field(default=3600, ge=1, description="how long a run "
+                                          "started from the Prefect UI waits for its approval "
+                                          "(meterkeys approve RUN_ID) before it fails")
     storage_kek_label: str = "meterkeys-storage-kek"
     master_kek_label: str = "meterkeys-storage-kek-master"
     blob_mac_label: str = "meterkeys-blob-mac"

@@ -11,6 +11,9 @@
     │       └── KeyPolicyError      a long-lived key missing, substituted or weaker than policy
     ├── InventoryError              a database constraint or state rule was broken
     ├── AccessDenied                the principal's role may not perform the operation
+    │   └── RequestError            a signed request is malformed, stale, for something else,
+    │       │                       or does not verify (names the field or the principal)
+    │       └── ReplayedRequest     a signed request's nonce was used before
     ├── AuditError                  the audit trail is broken (names the first bad event)
     ├── BackupError                 a token backup is unusable or a restore was refused
     └── BatchError                  a factory batch as a whole is unacceptable
@@ -104,15 +107,40 @@ class InventoryError(MeterkeysError):
 
 
 class AccessDenied(MeterkeysError):
-    """The principal's role does not allow the operation."""
+    """The principal's role does not allow the operation (``reason`` says why, when known)."""
 
-    def __init__(self, principal: str, role: str | None, action: str) -> None:
+    def __init__(self, principal: str, role: str | None, action: str,
+                 reason: str | None = None) -> None:
         self.principal = principal
         self.role = role
         self.action = action
+        self.reason = reason
+        why = f": {reason}" if reason else ""
         super().__init__(
-            f"principal {principal!r} (role {role or 'none'}) may not perform {action!r}"
+            f"principal {principal!r} (role {role or 'none'}) may not perform {action!r}{why}"
         )
+
+
+class RequestError(AccessDenied):
+    """A signed request is refused for what it is: malformed, stale, signed for other
+    parameters or another installation, or its signature or signer does not verify.
+
+    ``where`` names what failed (a request's field, a principal); the message never holds a
+    signature or key.
+    """
+
+    def __init__(self, where: str, reason: str, *, principal: str = "",
+                 action: str = "") -> None:
+        self.principal = principal
+        self.role = None
+        self.action = action
+        self.reason = reason
+        self.where = where
+        Exception.__init__(self, f"{where}: {reason}")
+
+
+class ReplayedRequest(RequestError):
+    """A signed request's nonce was used before: the request was already accepted once."""
 
 
 class AuditError(MeterkeysError):

@@ -13,7 +13,6 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lifecycle import principals
 from lifecycle.audit.chain import Actor
 from lifecycle.factory_import import steps as intake
 from lifecycle.factory_import.batch_format import Manifest
@@ -22,13 +21,6 @@ from lifecycle.hsm.pool import HsmWorkers
 from tasks import context
 
 RETRY_DELAYS = [1.0, 2.0, 4.0]
-
-
-@task(name="authorize", persist_result=False, cache_policy=NO_CACHE)
-def authorize(principal: str, action: str) -> Actor:
-    """Check that the principal may perform the action (refusals are audited)."""
-    return principals.authorize(context.engine(), principal, action,
-                                flow_run_id=context.flow_run_id(), at=context.now())
 
 
 @task(name="verify-batch", persist_result=False, cache_policy=NO_CACHE, retries=3,

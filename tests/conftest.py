@@ -27,6 +27,8 @@ os.environ.pop("METERKEYS_DATABASE_URL", None)
 # it by default; tests/integration/installation/test_files.py covers that).
 os.environ["METERKEYS_KEEP_SO_PIN"] = "true"
 
+from tests.identities import Identities  # noqa: E402 - after the environment above is set
+
 PG_URL = os.environ.get("METERKEYS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -127,9 +129,9 @@ MAPPINGS = Path(__file__).resolve().parent.parent / "simulator" / "mappings"
 
 @pytest.fixture
 def fleet(settings, engine, db_url, manufacturers, monkeypatch):  # type: ignore[no-untyped-def]
-    """An inventory ready to import: principals enrolled, four vendors onboarded with their
-    HSM import keys, and the task context pointed at this test's database."""
-    from lifecycle import principals
+    """An inventory ready to import: principals enrolled with keys (``tests.identities``), four
+    vendors onboarded with their HSM import keys, and the task context pointed at this test's
+    database. The settings carry this test's witness folder (the principals' anchor is there)."""
     from lifecycle.factory_import.vendor import ensure_import_key
     from lifecycle.installation import steps as installation
     from lifecycle.inventory import db, hsm_keys, vendors
@@ -141,9 +143,9 @@ def fleet(settings, engine, db_url, manufacturers, monkeypatch):  # type: ignore
     monkeypatch.setenv("METERKEYS_WITNESS_DIR", witness)
     settings = settings.model_copy(update={"witness_dir": Path(witness)})
     context.reset()
+    ids = Identities(settings, engine, Path(tempfile.mkdtemp(dir=_SESSION_DIR, prefix="keys-")))
+    ids.bootstrap()
     with db.transaction(engine) as session:
-        principals.add_principal(session, "test-operator", "operator")
-        principals.add_principal(session, "test-auditor", "auditor")
         pin = audit_pin(settings)  # as hsm init pins it: audit verify checks the key against it
         hsm_keys.put_pin(session, pin.role, pin.label, pin.key_id, pin.check_value)
     # As `meterkeys hsm init` does for an installation: pin every long-lived key of the session
@@ -156,7 +158,7 @@ def fleet(settings, engine, db_url, manufacturers, monkeypatch):  # type: ignore
                                  (MAPPINGS / f"{vendor}.toml").read_text(encoding="utf-8"))
         pem, oaep = ensure_import_key(engine, settings, vendor)
         keys[vendor] = (pem.decode(), oaep)
-    yield Fleet(settings, engine, db_url, manufacturers, keys)
+    yield Fleet(settings, engine, db_url, manufacturers, keys, ids)
     context.reset()
 
 
@@ -168,14 +170,15 @@ def audit_pin(settings):  # type: ignore[no-untyped-def]
 
 
 class Fleet:
-    """What a factory-import test needs: settings, engine, makers and import keys."""
+    """What a factory-import test needs: settings, engine, makers, import keys, principals."""
 
-    def __init__(self, settings, engine, db_url, manufacturers, keys):  # type: ignore[no-untyped-def]
+    def __init__(self, settings, engine, db_url, manufacturers, keys, ids):  # type: ignore[no-untyped-def]
         self.settings = settings
         self.engine = engine
         self.db_url = db_url
         self.makers = manufacturers
         self.keys = keys
+        self.ids: Identities = ids
 
     def batch(self, vendor: str, out: Path, count: int, **kwargs):  # type: ignore[no-untyped-def]
         """Generate a batch of ``count`` meters for ``vendor`` into ``out``."""
@@ -185,11 +188,14 @@ class Fleet:
             oaep_hash=oaep, count=count, **kwargs)
 
     def run(self, files, vendor: str, principal: str = "test-operator", workers: int = 0):  # type: ignore[no-untyped-def]
-        """Run the factory-import flow; return its final state."""
+        """Run the factory-import flow with a request signed by ``principal``; return its final
+        state. The request covers the flow's parameters exactly as the flow computes them."""
         from flows.factory_import import factory_import
 
-        return factory_import(file=str(files.data if hasattr(files, "data") else files),
-                              vendor=vendor, principal=principal, workers=workers,
+        file = str(files.data if hasattr(files, "data") else files)
+        params = {"file": file, "vendor": vendor, "mapping": None, "workers": workers}
+        signed = self.ids.requests([principal], "batch.import", params)
+        return factory_import(file=file, vendor=vendor, workers=workers, request=signed,
                               return_state=True)
 
 

@@ -4,7 +4,8 @@
     vendors       manufacturers, manifest signing keys, mappings, import key labels
     batches       deliveries and their quarantined rows
     meters        meters and their key versions (key blobs wrapped under the storage KEK)
-    principals    who may act, with which role
+    principals    who may act, with which role, under which key, enrolled by whom
+    requests      signed requests' used nonces, and dual-control requests pending
     audit_events  the audit trail's events, head and signed checkpoints
     kek_checks    a canary blob per storage KEK
     hsm_keys      pins of the HSM's long-lived keys (CKA_ID and check value per role)
@@ -25,5 +26,6 @@ from lifecycle.inventory import (  # noqa: F401 - registers every table in the m
     kek_checks,
     meters,
     principals,
+    requests,
     vendors,
 )

@@ -8,7 +8,7 @@ they are hashed and verified, is ``lifecycle.audit``'s business.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -183,3 +183,11 @@ def recent_events(session: Session, *, limit: int = 50, meter_serial: str | None
     if action is not None:
         stmt = stmt.where(col(AuditEvent.action) == action)
     return list(session.execute(stmt).scalars())
+
+
+def details_of(session: Session, actions: Sequence[str]) -> list[tuple[str, str]]:
+    """Return (action, detail text) of every successful event of these actions, oldest first."""
+    stmt = (select(col(AuditEvent.action), col(AuditEvent.detail))
+            .where(col(AuditEvent.action).in_(list(actions)), col(AuditEvent.outcome) == "ok")
+            .order_by(col(AuditEvent.seq)))
+    return [(str(a), str(d)) for a, d in session.execute(stmt).all()]

@@ -19,10 +19,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pkcs11
 import pytest
 from pkcs11 import Mechanism, ObjectClass
-from pkcs11 import exceptions as px
 from pkcs11.util.ec import encode_ecdsa_signature
 from sqlalchemy import Engine, text
 
@@ -35,6 +33,7 @@ from lifecycle.hsm import provision
 from lifecycle.installation import steps
 from lifecycle.inventory import hsm_keys
 from lifecycle.inventory.db import transaction
+from tests.attackers import pin_holder_session
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SOFIA = Actor("sofia", principals.SECURITY_OFFICER, "run-1")
@@ -112,15 +111,8 @@ def _rewrite_and_rechain(engine: Engine) -> list[dict[str, Any]]:
 @pytest.fixture
 def pin_holder(settings: Settings) -> Iterator[Any]:
     """A plain python-pkcs11 session on the token, logged in with the user PIN."""
-    token = pkcs11.lib(str(settings.module_path)).get_token(token_label=settings.token_label)
-    try:
-        session = token.open(user_pin=settings.user_pin())
-    except px.UserAlreadyLoggedIn:  # login is per application: this process already holds it
-        session = token.open()
-    try:
+    with pin_holder_session(settings) as session:
         yield session
-    finally:
-        session.close()
 
 
 def _resign(engine: Engine, session: Any, label: str, rows: list[dict[str, Any]]) -> None:

@@ -14,11 +14,13 @@ from sqlmodel import col
 from lifecycle import principals
 from lifecycle.audit import chain, trail, witness
 from lifecycle.audit.chain import Actor
+from lifecycle.clock import utcnow
 from lifecycle.config import Settings
 from lifecycle.errors import AccessDenied, AuditError, InventoryError
 from lifecycle.inventory import db
 from lifecycle.inventory.audit_events import AuditCheckpoint, AuditEvent, AuditHead
 from lifecycle.inventory.db import transaction
+from tests.identities import Identities
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 ALICE = Actor("alice", principals.OPERATOR, "flow-run-1")
@@ -293,43 +295,45 @@ def test_record_many_refuses_the_whole_batch(engine: Engine) -> None:
 
 
 # --- roles ---------------------------------------------------------------------------------------
-def test_denied_action_leaves_an_audit_event(engine: Engine, audit: Audit) -> None:
-    assert principals.enroll(engine, "root", "sofia", principals.SECURITY_OFFICER, at=T0) is True
-    assert principals.enroll(engine, "sofia", "olga", principals.OPERATOR, at=T0) is False
+def test_denied_action_leaves_an_audit_event(engine: Engine, audit: Audit,
+                                             tmp_path: Path) -> None:
+    ids = Identities(audit.settings, engine, tmp_path / "keys")
+    ids.bootstrap()
     with pytest.raises(AccessDenied) as info:
-        principals.authorize(engine, "olga", "hsm.init", flow_run_id="run-9", at=T0)
-    assert (info.value.principal, info.value.role) == ("olga", principals.OPERATOR)
-    with pytest.raises(AccessDenied):
-        principals.authorize(engine, "nobody", "audit.read", at=T0)
-    actor = principals.authorize(engine, "olga", "batch.import", at=T0)
-    assert actor == Actor("olga", principals.OPERATOR, None)
+        principals.authorize(engine, ids.settings, [ids.sign("test-operator", "hsm.init", {})],
+                             "hsm.init", {}, at=utcnow(), flow_run_id="run-9")
+    assert (info.value.principal, info.value.role) == ("test-operator", principals.OPERATOR)
+    actor = ids.authorize(["test-operator"], "batch.import", {})
+    assert actor == Actor("test-operator", principals.OPERATOR, None)
     with transaction(engine) as s:
-        seen = [(e.seq, e.principal, e.action, e.outcome, e.flow_run_id)
+        seen = [(e.principal, e.action, e.outcome, e.flow_run_id)
                 for e in reversed(trail.events(s))]
-    assert seen == [
-        (1, "root", "principal.bootstrap", "ok", None),
-        (2, "sofia", "principal.add", "ok", None),
-        (3, "olga", "hsm.init", "denied", "run-9"),
-        (4, "nobody", "audit.read", "denied", None),
-    ]
-    assert audit.verify() == 4
+    assert seen[0] == ("test-so", "principal.bootstrap", "ok", None)
+    assert seen[-2:] == [("test-operator", "hsm.init", "denied", "run-9"),
+                         ("test-operator", "request.accepted", "ok", None)]
+    assert audit.verify() == len(seen)
 
 
-def test_enroll_needs_principal_manage(engine: Engine) -> None:
-    with pytest.raises(InventoryError, match="first principal"):
-        principals.enroll(engine, "root", "olga", principals.OPERATOR, at=T0)
-    principals.enroll(engine, "root", "sofia", principals.SECURITY_OFFICER, at=T0)
-    principals.enroll(engine, "sofia", "ada", principals.AUDITOR, at=T0)
-    with pytest.raises(AccessDenied):
-        principals.enroll(engine, "ada", "eve", principals.SECURITY_OFFICER, at=T0)
+def test_enrol_needs_two_security_officers(engine: Engine, audit: Audit,
+                                           tmp_path: Path) -> None:
+    ids = Identities(audit.settings, engine, tmp_path / "keys")
+    ids.bootstrap()
+    with pytest.raises(AccessDenied, match="role not permitted"):
+        ids.enrol("eve", principals.SECURITY_OFFICER, by=["test-auditor", "test-so"])
+    pem = ids.keygen("another").public_key_pem()
+    params = principals.enrolment_params("test-auditor", principals.OPERATOR, pem)
     with pytest.raises(InventoryError, match="already exists"):
-        principals.enroll(engine, "sofia", "ada", principals.OPERATOR, at=T0)
+        principals.enrol(engine, ids.settings,
+                         [ids.sign(w, principals.ENROL, params) for w in ("test-so", "test-so-2")],
+                         "test-auditor", principals.OPERATOR, pem, at=utcnow())
     with transaction(engine) as s:
         assert principals.role_of(s, "eve") is None
-        assert principals.role_of(s, "ada") == principals.AUDITOR
-        assert [p.name for p in principals.list_principals(s)] == ["ada", "sofia"]
-        denied = trail.events(s, action="principal.manage")
-    assert [(e.principal, e.outcome) for e in denied] == [("ada", "denied")]
+        assert principals.role_of(s, "test-auditor") == principals.AUDITOR
+        assert [p.name for p in principals.list_principals(s)] == [
+            "test-auditor", "test-operator", "test-so", "test-so-2"]
+        denied = trail.events(s, action="principal.enrol")
+    assert [(e.principal, e.outcome) for e in denied if e.outcome == "denied"] == [
+        ("test-auditor", "denied")]
 
 
 # --- concurrency ---------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def test_a_rerun_of_a_completed_delivery_closes_with_a_checkpoint(fleet: Any,
     files = fleet.batch("acme", tmp_path, 4)
     assert fleet.run(files, "acme").is_completed()
     with pytest.raises(AccessDenied):  # an event after the run: unsigned so far
-        principals.authorize(fleet.engine, "test-auditor", "batch.import", at=T0)
+        fleet.ids.authorize(["test-auditor"], "batch.import", {})
     assert fleet.run(files, "acme").is_completed()  # nothing new to import
     with transaction(fleet.engine) as s:
         head = s.execute(text("SELECT seq FROM audit_head")).scalar_one()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,9 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from cli.main import app
-from lifecycle.inventory import db, meters
+from lifecycle import principals
+from lifecycle.clock import utcnow
+from lifecycle.inventory import db, meters, vendors
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -19,10 +23,15 @@ def run(fleet, monkeypatch):  # type: ignore[no-untyped-def]
     runner = CliRunner()
 
     def invoke(principal: str, *args: str):  # type: ignore[no-untyped-def]
-        monkeypatch.setenv("METERKEYS_PRINCIPAL", principal)
+        """Run a command with ``principal``'s key (an unenrolled key for an unknown name)."""
+        if not fleet.ids.key_path(principal).exists():
+            fleet.ids.keygen(principal)
+        monkeypatch.setenv("METERKEYS_PRINCIPAL_KEY", str(fleet.ids.key_path(principal)))
+        from cli import common
         from tasks import context
 
         context.settings.cache_clear()
+        common.signer.cache_clear()
         return runner.invoke(app, list(args))
 
     return invoke
@@ -59,8 +68,8 @@ def test_roles_are_enforced_on_the_command_line(fleet, run, tmp_path: Path) -> N
     refused = run("test-auditor", "import", str(files.data), "--vendor", "acme")
     assert refused.exit_code == 1
     assert "may not perform 'batch.import'" in refused.output
-    unknown = run("mallory", "meters", "list")
-    assert unknown.exit_code == 1 and "'mallory' (role none)" in unknown.output
+    unknown = run("mallory", "import", str(files.data), "--vendor", "acme")
+    assert unknown.exit_code == 1 and "no enrolled principal holds this key" in unknown.output
     with db.transaction(fleet.engine) as session:
         assert meters.count_meters(session) == 0
 
@@ -86,3 +95,83 @@ def test_inventory_verify_names_a_swapped_blob(fleet, run, tmp_path: Path) -> No
     assert bad.exit_code == 2
     assert "2 of 16 key blobs fail" in bad.output
     assert rows[0].serial in bad.output and rows[1].serial in bad.output
+
+
+def _request_id(output: str) -> str:
+    match = re.search(r"request (R-[A-Z2-7]+)", output)
+    assert match, output
+    return match.group(1)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_security_officer_action_waits_for_a_second_officer(fleet, run, tmp_path: Path,
+                                                              manufacturers) -> None:
+    """README "Identity": `vendor add` by one officer leaves a request; the same officer, an
+    operator, or a request whose parameters were edited in the database cannot complete it;
+    a second officer's `meterkeys approve` performs it."""
+    key = tmp_path / "signing.pem"
+    key.write_text(manufacturers["acme"].signing_public_pem(), encoding="utf-8")
+    mapping = Path(__file__).resolve().parents[3] / "simulator" / "mappings" / "acme.toml"
+    asked = run("test-so", "vendor", "add", "newco", "--signing-key", str(key),
+                "--mapping", str(mapping))
+    assert asked.exit_code == 0, asked.output
+    request_id = _request_id(asked.output)
+    with db.transaction(fleet.engine) as session:
+        assert "newco" not in {v.name for v in vendors.list_vendors(session)}
+    same = run("test-so", "approve", request_id, "--yes")
+    assert same.exit_code == 1 and "second security officer" in same.output
+    operator = run("test-operator", "approve", request_id, "--yes")
+    assert operator.exit_code == 1 and "may not perform 'vendor.add'" in operator.output
+    approved = run("test-so-2", "approve", request_id, "--yes")
+    assert approved.exit_code == 0, approved.output
+    assert "vendor newco added" in approved.output
+    again = run("test-so-2", "approve", request_id, "--yes")
+    assert again.exit_code == 1 and "not pending" in again.output
+    with db.transaction(fleet.engine) as session:
+        assert "newco" in {v.name for v in vendors.list_vendors(session)}
+    # An edited pending request (a database writer changes the vendor's signing key).
+    second = run("test-so", "vendor", "add", "otherco", "--signing-key", str(key),
+                 "--mapping", str(mapping))
+    other_id = _request_id(second.output)
+    with fleet.engine.begin() as conn:
+        conn.execute(text("UPDATE pending_request SET params = replace(params, 'otherco', "
+                          "'evilco') WHERE id = :id"), {"id": other_id})
+    edited = run("test-so-2", "approve", other_id, "--yes")
+    assert edited.exit_code == 1 and "parameters differ" in edited.output
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_principals_are_enrolled_by_two_officers_and_listed(fleet, run, tmp_path: Path) -> None:
+    made = run("test-operator", "principal", "keygen", "nina", "--out", str(tmp_path),
+               "--no-passphrase")
+    assert made.exit_code == 0, made.output
+    public = tmp_path / "nina.pub.pem"
+    asked = run("test-so", "principal", "enrol", "nina", "--role", "operator",
+                "--public-key", str(public))
+    assert run("test-so-2", "approve", _request_id(asked.output), "--yes").exit_code == 0
+    listed = run("test-auditor", "principal", "list")
+    assert listed.exit_code == 0
+    nina = [line for line in listed.output.splitlines() if "│ nina" in line]
+    assert nina and "operator" in nina[0] and "verified" in nina[0]
+    shutil.copy(tmp_path / "nina.key.pem", fleet.ids.key_path("nina"))
+    who = run("nina", "principal", "whoami")
+    assert who.exit_code == 0 and "nina (operator)" in who.output, who.output
+    stranger = run("mallory", "principal", "whoami")
+    assert stranger.exit_code == 1 and "no enrolled principal" in stranger.output
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_audit_verify_names_a_principal_re_enabled_by_sql(fleet, run) -> None:
+    """An inventory writer clears the `disabled` flag (and the signed disabling) of a principal
+    two officers disabled: `audit verify` names it, from the witnessed trail."""
+    fleet.ids.enrol("ivan", "operator")
+    signed = [fleet.ids.sign(who, "principal.disable", {"name": "ivan"})
+              for who in ("test-so", "test-so-2")]
+    principals.disable(fleet.engine, fleet.settings, signed, "ivan", at=utcnow())
+    assert run("test-auditor", "audit", "verify").exit_code == 0
+    with fleet.engine.begin() as conn:
+        conn.execute(text("UPDATE principal SET disabled = false, disabled_by = NULL "
+                          "WHERE name = 'ivan'"))
+    broken = run("test-auditor", "audit", "verify")
+    assert broken.exit_code == 2, broken.output
+    assert "principal 'ivan': enabled, but the audit trail disabled it" in broken.output

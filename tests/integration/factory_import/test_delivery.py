@@ -322,7 +322,8 @@ def test_failed_import_prints_one_error_line_and_no_traceback(fleet, tmp_path: P
     files = fleet.batch("acme", tmp_path, 4)
     files.data.write_bytes(files.data.read_bytes() + b"x")  # checksum mismatch
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_LOGGING_LEVEL"}
-    env.update(METERKEYS_DATABASE_URL=fleet.db_url, METERKEYS_PRINCIPAL="test-operator",
+    env.update(METERKEYS_DATABASE_URL=fleet.db_url,
+               METERKEYS_PRINCIPAL_KEY=str(fleet.ids.key_path("test-operator")),
                PREFECT_API_URL=str(PREFECT_API_URL.value()))
     result = subprocess.run(
         [sys.executable, "-m", "cli.main", "import", str(files.data), "--vendor", "acme",

@@ -23,7 +23,7 @@ KILLS = 20
 METERS = 1000
 CHILD = """
 from flows.factory_import import factory_import
-factory_import(file={file!r}, vendor="acme", principal="test-operator", workers=1)
+factory_import(file={file!r}, vendor="acme", workers=1, request={request!r})
 """
 PROBE = """
 import sys
@@ -86,7 +86,10 @@ def test_sigkill_during_import_loses_nothing_and_duplicates_nothing(fleet, tmp_p
         files = fleet.batch("acme", tmp_path / str(attempt), METERS, suites=(0, 1),
                             serial_start=1 + attempt * 100_000)
         _tamper_row(files, fleet.makers["acme"], 50)
-        child = subprocess.Popen([sys.executable, "-c", CHILD.format(file=str(files.data))],
+        child = subprocess.Popen([sys.executable, "-c", CHILD.format(
+            file=str(files.data), request=fleet.ids.requests(
+                ["test-operator"], "batch.import",
+                {"file": str(files.data), "vendor": "acme", "mapping": None, "workers": 1}))],
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
         before = METERS - 1

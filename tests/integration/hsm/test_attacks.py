@@ -29,6 +29,7 @@ from lifecycle.hsm.connection import Hsm
 from lifecycle.hsm.session import HsmSession, SessionKey
 from lifecycle.hsm.templates import call_template, master_profile, transport_profile, usage_profile
 from lifecycle.installation import steps
+from tests.attackers import pin_holder_session
 
 OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)  # the only OAEP SoftHSM2 2.6.1 has
 KW_IV = bytes.fromhex("A6A6A6A6A6A6A6A6")  # RFC 3394 §2.2.3.1 default initial value
@@ -69,7 +70,6 @@ def stored(hsm: Hsm, settings: Settings) -> Stored:
 @pytest.fixture
 def attacker(settings: Settings) -> Iterator[Any]:
     """A plain python-pkcs11 session on the token, logged in with the user PIN."""
-    token = pkcs11.lib(str(settings.module_path)).get_token(token_label=settings.token_label)
     # The attacker teaches python-pkcs11 CKA_ALLOWED_MECHANISMS (a CK_ULONG array) too, to repeat
     # meterkeys' unwrap templates exactly.
     mapper = pkcs11.attributes.AttributeMapper()
@@ -77,14 +77,8 @@ def attacker(settings: Settings) -> Iterator[Any]:
         Attribute.ALLOWED_MECHANISMS,
         lambda mechs: b"".join(int(m).to_bytes(8, "little") for m in mechs),
         lambda raw: [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)])
-    try:
-        session = token.open(rw=True, user_pin=settings.user_pin(), attribute_mapper=mapper)
-    except px.UserAlreadyLoggedIn:  # login is per application: this process already holds it
-        session = token.open(rw=True, attribute_mapper=mapper)
-    try:
+    with pin_holder_session(settings, rw=True, attribute_mapper=mapper) as session:
         yield session
-    finally:
-        session.close()  # ends the attacker's session objects
 
 
 def _try(log: list[str], step: str, attempt: Callable[[], Any]) -> Any:

@@ -23,6 +23,7 @@ from cli.main import app
 from lifecycle.config import Settings, ensure_private_home, private_umask
 from lifecycle.errors import ConfigError
 from lifecycle.hsm import provision
+from lifecycle.identity import signers
 from simulator.manufacturer import Manufacturer
 from simulator.scenario import MAPPINGS
 from tasks import context
@@ -129,9 +130,12 @@ def test_simulated_manufacturer_keeps_its_secrets_private(tmp_path: Path) -> Non
 
 
 def _meterkeys(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    key = home.parent / "first-officer.key.pem"
+    if not key.exists():
+        signers.generate(home.parent, "first-officer", "p256", None)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("METERKEYS_", "PREFECT_"))}
     env |= {"METERKEYS_HOME": str(home), "PREFECT_HOME": str(home.parent / "prefect"),
-            "METERKEYS_PRINCIPAL": "first-officer", "COLUMNS": "200"}
+            "METERKEYS_PRINCIPAL_KEY": str(key), "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, text=True,
                           capture_output=True, timeout=180, check=False,
                           cwd=Path(__file__).resolve().parents[3])
@@ -142,8 +146,9 @@ def _meterkeys(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_hsm_init_makes_a_private_home_and_says_the_so_pin_was_not_kept(
         tmp_path: Path, flag: tuple[str, ...], kept: bool) -> None:
     home = tmp_path / "var"
-    result = _meterkeys(home, "hsm", "init", *flag)
+    result = _meterkeys(home, "hsm", "init", "--security-officer", "first-officer", *flag)
     assert result.returncode == 0, result.stderr
+    assert "first-officer enrolled as the first security officer" in result.stdout
     assert ("not kept" in result.stdout) is not kept
     assert (home / "secrets" / "so.pin").exists() is kept
     assert _mode(home) == 0o700

@@ -221,14 +221,17 @@ def _synthetic_batch(manufacturers, out: Path):  # type: ignore[no-untyped-def]
 
 
 def _plant_inventory(db_url: str, text: str) -> None:
-    from lifecycle import principals
+    from sqlalchemy import text as sql
+
     from lifecycle.inventory import db
 
     engine = db.make_engine(db_url)
     try:
         db.migrate(engine)
-        with db.transaction(engine) as session:
-            principals.add_principal(session, f"planted-{text}", "auditor")
+        with engine.begin() as conn:  # plain SQL: meterkeys refuses such a name itself
+            conn.execute(sql("INSERT INTO principal (name, role, disabled, created_at) "
+                             "VALUES (:name, 'auditor', false, CURRENT_TIMESTAMP)"),
+                         {"name": f"planted-{text}"})
     finally:
         engine.dispose()
 

@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[3]
 PACKAGES = ("lifecycle", "tasks", "flows", "deployments", "cli", "simulator")
 # Shared foundations of the lifecycle; every other package under lifecycle/ is a process.
 # ``installation`` (the HSM's long-lived keys and their pins) is one: every process checks the
-# keys through it before it starts.
-FOUNDATIONS = frozenset({"hsm", "inventory", "audit", "installation", "dlms", "pki", "hes",
-                         "meter_keys"})
+# keys through it before it starts. ``identity`` (signed requests, principals' keys, the trust
+# anchor) is one: every process authorizes its requests through it.
+FOUNDATIONS = frozenset({"hsm", "inventory", "audit", "installation", "identity", "dlms", "pki",
+                         "hes", "meter_keys"})
 LAYERS = ("deployments", "flows", "tasks", "lifecycle")  # each imports only those after it
 
 

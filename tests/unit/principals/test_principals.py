@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 
 from lifecycle import principals
-from lifecycle.principals import AUDITOR, OPERATOR, PERMISSIONS, ROLES, SECURITY_OFFICER, may
+from lifecycle.principals import (
+    AUDITOR,
+    DUAL_CONTROL,
+    OPERATOR,
+    PERMISSIONS,
+    ROLES,
+    SECURITY_OFFICER,
+    SYSTEM,
+    may,
+)
 
-SO, OP, AU = SECURITY_OFFICER, OPERATOR, AUDITOR
+SO, OP, AU, SY = SECURITY_OFFICER, OPERATOR, AUDITOR, SYSTEM
 
 SCENARIOS = [
     # HSM and vendor keys: the security officer only.
@@ -41,10 +50,21 @@ SCENARIOS = [
     pytest.param(SO, "audit.verify", True, id="so-audit-verify"),
     pytest.param(AU, "principal.read", True, id="auditor-principal-read"),
     pytest.param(OP, "principal.read", False, id="operator-no-principal-read"),
-    # Principals: the security officer only.
-    pytest.param(SO, "principal.manage", True, id="so-principal-manage"),
-    pytest.param(OP, "principal.manage", False, id="operator-no-principal-manage"),
-    pytest.param(AU, "principal.manage", False, id="auditor-no-principal-manage"),
+    # Principals and ceremonies: the security officer only.
+    pytest.param(SO, "principal.enrol", True, id="so-principal-enrol"),
+    pytest.param(OP, "principal.enrol", False, id="operator-no-principal-enrol"),
+    pytest.param(AU, "principal.enrol", False, id="auditor-no-principal-enrol"),
+    pytest.param(SO, "principal.disable", True, id="so-principal-disable"),
+    pytest.param(OP, "principal.disable", False, id="operator-no-principal-disable"),
+    pytest.param(SO, "pki.ceremony", True, id="so-pki-ceremony"),
+    pytest.param(OP, "pki.ceremony", False, id="operator-no-pki-ceremony"),
+    # The system principal (the scheduled audit run): checkpoint and verify, nothing else.
+    pytest.param(SY, "audit.checkpoint", True, id="system-audit-checkpoint"),
+    pytest.param(SY, "audit.verify", True, id="system-audit-verify"),
+    pytest.param(SY, "batch.import", False, id="system-no-batch-import"),
+    pytest.param(SY, "meter.read", False, id="system-no-meter-read"),
+    pytest.param(SY, "audit.read", False, id="system-no-audit-read"),
+    pytest.param(SY, "principal.enrol", False, id="system-no-principal-enrol"),
     # No role (unknown or disabled principal), or a role that does not exist: nothing.
     pytest.param(None, "meter.read", False, id="none-no-meter-read"),
     pytest.param(None, "audit.read", False, id="none-no-audit-read"),
@@ -60,7 +80,8 @@ def test_who_may_do_what(who: str | None, action: str, allowed: bool) -> None:
 
 def test_required_actions_are_in_the_table() -> None:
     required = {"hsm.init", "hsm.backup", "hsm.restore", "vendor.add", "vendor.import-key",
-                "batch.import", "meter.read", "audit.read", "audit.verify", "principal.manage"}
+                "batch.import", "meter.read", "audit.read", "audit.verify", "principal.enrol",
+                "principal.disable", "pki.ceremony"}
     assert required <= set(PERMISSIONS)
 
 
@@ -72,6 +93,16 @@ def test_auditor_only_reads() -> None:
     allowed = {a for a in PERMISSIONS if may(AU, a)}
     assert allowed == {"meter.read", "audit.read", "audit.verify", "inventory.verify",
                        "principal.read"}
+
+
+def test_system_only_checkpoints_and_verifies() -> None:
+    assert {a for a in PERMISSIONS if may(SY, a)} == {"audit.checkpoint", "audit.verify"}
+
+
+def test_dual_control_actions_are_security_officers_only() -> None:
+    assert set(PERMISSIONS) >= DUAL_CONTROL
+    assert {a for a in DUAL_CONTROL if PERMISSIONS[a] != {SO}} == set()
+    assert {"principal.enrol", "principal.disable", "hsm.backup", "hsm.restore"} <= DUAL_CONTROL
 
 
 def test_every_role_in_the_table_exists() -> None:
@@ -86,4 +117,4 @@ def test_unknown_action_is_a_programming_error() -> None:
 def test_no_action_rewrites_the_trail() -> None:
     assert not [a for a in PERMISSIONS if a.startswith("audit.") and
                 a not in {"audit.read", "audit.verify", "audit.checkpoint"}]
-    assert principals.ROLES == ("security-officer", "operator", "auditor")
+    assert principals.ROLES == ("security-officer", "operator", "auditor", "system")

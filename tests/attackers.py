@@ -1,0 +1,27 @@
+"""What the attackers of the tests hold, made with plain python-pkcs11 (never meterkeys' API)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pkcs11
+from pkcs11 import exceptions as px
+
+from lifecycle.config import Settings
+
+
+@contextlib.contextmanager
+def pin_holder_session(settings: Settings, **options: Any) -> Iterator[Any]:
+    """A plain python-pkcs11 session on the token, logged in with the user PIN (the PIN
+    holder's view); ``options`` go to ``token.open`` (``rw``, ``attribute_mapper``)."""
+    token = pkcs11.lib(str(settings.module_path)).get_token(token_label=settings.token_label)
+    try:
+        session = token.open(user_pin=settings.user_pin(), **options)
+    except px.UserAlreadyLoggedIn:  # login is per application: this process already holds it
+        session = token.open(**options)
+    try:
+        yield session
+    finally:
+        session.close()  # ends the attacker's session objects
