@@ -13,8 +13,8 @@ demo: setup
 	$(VENV)/bin/meterkeys demo
 
 lint: setup
-	$(VENV)/bin/ruff check lifecycle tasks flows deployments simulator cli tests bench
-	$(VENV)/bin/mypy lifecycle tasks flows deployments simulator cli bench
+	$(VENV)/bin/ruff check lifecycle tasks flows deployments simulator cli hes_adapters tests bench
+	$(VENV)/bin/mypy lifecycle tasks flows deployments simulator cli hes_adapters bench
 
 test: lint
 	$(PY) -m pytest -q -ra --durations=15 tests

@@ -8,14 +8,21 @@ their keys must never mix with a real installation's.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from rich.table import Table
 
 from cli import dual
+from cli.claim import run_claim
 from cli.common import authorize, console, engine, settings, sign
 from cli.importing import import_params, run_import
 from lifecycle import principals
@@ -29,13 +36,19 @@ from lifecycle.identity import keys, request, signers
 from lifecycle.identity.request import SignedRequest
 from lifecycle.identity.signers import FileSigner, Signer
 from lifecycle.installation import steps as installation
-from lifecycle.inventory import meters, vendors
+from lifecycle.inventory import certificates, claims, meters, vendor_cas, vendors
 from lifecycle.inventory.db import transaction
 from lifecycle.meter_keys import custody
+from lifecycle.pki import profiles
 from simulator import scenario
+from simulator.hes import SimulatedHes
+from simulator.manufacturer import SECRETS_SUFFIX
+from tasks import context
 from tasks.approval import SYSTEM_KEY_FILE
 
 MARKER = "demo-home"
+# The few meters that misbehave in the claim's first pass (one each), then behave.
+MISBEHAVE = ("fail", "silent", "lie_nak", "lie_ok", "partial:3")
 # What a home holds once anything has run in it (Prefect's own folder is made by every command).
 STATE = ("inventory.db", "tokens", "secrets", "witness", "softhsm2.conf")
 
@@ -58,7 +71,8 @@ PEOPLE = (("alice", principals.SECURITY_OFFICER, "p256"),
 
 def demo(workers: int | None = typer.Option(None, help="HSM worker processes")) -> None:
     """Set up the HSM and the principals, onboard three vendors, import their batches, show
-    a refused and a replayed request, verify and back up."""
+    a refused and a replayed request, run the PKI ceremony, claim the fleet through the
+    simulated HES, verify and back up."""
     s = settings()
     try:
         claim_home(s)
@@ -75,6 +89,8 @@ def demo(workers: int | None = typer.Option(None, help="HSM worker processes")) 
                for vendor, path in batches]
     _print_results(results)
     _refusals(s, cast, batches[0][1], batches[0][0])
+    _pki(cast, sim)
+    _claim(s, cast, sim, workers)
     _audit_and_backup(s, cast)
 
 
@@ -271,3 +287,92 @@ def _audit_and_backup(s: Settings, cast: Cast) -> None:
     console.print(_officers(cast, "hsm.backup", {"dest": str(s.home_dir / "backups")}))
     console.print("Prefect UI: run `make serve` and open http://127.0.0.1:4200 "
                   "(the demo's runs are in its history)")
+
+
+def _pki(cast: Cast, sim: Path) -> None:
+    """The PKI ceremony (alice and bob), once; then each demo vendor's factory CAs, registered
+    under the same dual control (the claim verifies suite 1/2 factory certificates)."""
+    with transaction(engine()) as session:
+        done = certificates.current_ca(session, profiles.DEVICE_P256) is not None
+    if not done:
+        console.print(_officers(cast, "pki.ceremony", {"renew": []}))
+    root = sim / "manufacturers"
+    for vendor in scenario.VENDORS:
+        maker = scenario.manufacturer(root, vendor)
+        with transaction(engine()) as session:
+            record = vendors.get_vendor(session, vendor.name)
+            known = {r.fingerprint for r in vendor_cas.vendor_cas(session, int(record.id or 0))}
+        for suite in (1, 2):
+            pem = maker.factory_ca_pem(suite)
+            der = _der(pem)
+            if hashlib.sha256(der).hexdigest() not in known:
+                console.print(_officers(cast, "vendor.add-ca", {"name": vendor.name,
+                                                                "certificate_pem": pem}))
+
+
+def _der(pem: str) -> bytes:
+    return x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
+
+
+def _claim(s: Settings, cast: Cast, sim: Path, workers: int | None) -> None:
+    """Claim every registered meter through the simulated HES (olga signs), a few of them
+    misbehaving; then a second pass with them behaving, and how each of the few ended."""
+    folder = sim / "hes"
+    os.environ["METERKEYS_HES"] = f"simulated:{folder}"
+    context.reset()
+    with transaction(engine()) as session:
+        waiting = [m.serial for m in meters.list_meters(session, limit=100_000)
+                   if m.state in ("registered", "claimed")]
+    if not waiting:
+        console.print("ownership claim: every meter is operational already (nothing to claim)")
+        return
+    few = dict(zip(waiting[:len(MISBEHAVE)], MISBEHAVE, strict=False))
+    SimulatedHes.open(folder, sorted(sim.rglob(f"*{SECRETS_SUFFIX}")), modes=few,
+                      engine="cryptography")
+    olga = cast.key("olga")
+    started = time.perf_counter()
+    first = [run_claim(_claim_params(vendor=v.name, workers=workers), olga)
+             for v in scenario.VENDORS]
+    seconds = time.perf_counter() - started
+    totals = {k: sum(len(r[k]) for r in first) for k in ("claimed", "recovered", "failed",
+                                                         "waiting", "certified")}
+    console.print(f"ownership claim (signed by olga) in {seconds:.1f} s: "
+                  + ", ".join(f"{n} {k}" for k, n in totals.items())
+                  + "; each claimed meter proved the DSO's keys, checked in the HSM")
+    hes = SimulatedHes.load(folder)
+    for serial in few:
+        hes.set_mode(serial, "ok")
+    second = run_claim(_claim_params(serials=list(few), workers=workers), olga)
+    _print_claim(few, first, second)
+
+
+def _claim_params(*, vendor: str | None = None, serials: list[str] | None = None,
+                  workers: int | None) -> dict[str, Any]:
+    return {"batch_id": None, "vendor": vendor, "serials": serials, "wait_seconds": 0.0,
+            "workers": workers}
+
+
+def _ended(serial: str, results: list[dict[str, Any]]) -> str:
+    """How one meter ended in a pass (its runs' results)."""
+    for result in results:
+        for kind in ("claimed", "recovered"):
+            if serial in result[kind]:
+                return kind + (" + certificates" if serial in result["certified"] else "")
+    for result in results:
+        for kind in ("failed", "waiting"):
+            if serial in result[kind]:
+                return f"{kind}: {result[kind][serial]}"
+    return "nothing to do: operational already"
+
+
+def _print_claim(few: dict[str, str], first: list[dict[str, Any]],
+                 second: dict[str, Any]) -> None:
+    table = Table("meter", "mode", "first pass", "second pass (behaving)",
+                  title="Ownership claim: the meters that misbehaved")
+    for serial, mode in few.items():
+        table.add_row(serial, mode, _ended(serial, first), _ended(serial, [second]))
+    console.print(table)
+    with transaction(engine()) as session:
+        states = claims.count_by_state(session, [int(m.id or 0) for m in
+                                                 meters.list_meters(session, limit=100_000)])
+    console.print("meters by state: " + ", ".join(f"{n} {k}" for k, n in sorted(states.items())))

@@ -28,6 +28,8 @@ from lifecycle.factory_import import vendor as vendor_steps
 from lifecycle.identity.request import SignedRequest
 from lifecycle.identity.signers import Signer
 from lifecycle.installation import steps
+from lifecycle.pki import ceremony
+from lifecycle.pki import steps as pki_steps
 
 Perform = Callable[[Mapping[str, Any], Actor], str]
 SHOWN_CHARS = 72
@@ -127,6 +129,18 @@ def _restore(p: Mapping[str, Any], actor: Actor) -> str:
             f"checked){removed}")
 
 
+def _ceremony(p: Mapping[str, Any], actor: Actor) -> str:
+    report = ceremony.ceremony(settings(), engine(), actor, renew=list(p["renew"]), now=utcnow())
+    made = ", ".join(f"{name} (generation {gen})" for name, gen in report.made.items())
+    return (f"ceremony done: {made or 'no CA was due'}; root CRL {report.crl_number} issued"
+            + ("; root token created" if report.root_token_created else ""))
+
+
+def _vendor_add_ca(p: Mapping[str, Any], actor: Actor) -> str:
+    subject = pki_steps.add_vendor_ca(engine(), actor, p["name"], p["certificate_pem"], utcnow())
+    return f"factory CA {subject} registered for vendor {p['name']}"
+
+
 def _enrolled(p: Mapping[str, Any], actor: Actor) -> str:
     return f"principal {p['name']} enrolled as {p['role']}"
 
@@ -140,6 +154,8 @@ PERFORMERS: dict[str, Perform] = {
     "vendor.import-key": _vendor_import_key,
     "hsm.backup": _backup,
     "hsm.restore": _restore,
+    "pki.ceremony": _ceremony,
+    "vendor.add-ca": _vendor_add_ca,
     principals.ENROL: _enrolled,
     principals.DISABLE: _disabled,
 }

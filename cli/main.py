@@ -7,11 +7,14 @@ import typer
 from cli import (
     approving,
     audit,
+    claim,
     demo,
     hsm,
     importing,
     inventory,
     meters,
+    orders,
+    pki,
     principal,
     serve,
     vendor,
@@ -25,7 +28,10 @@ app.add_typer(meters.app, name="meters")
 app.add_typer(audit.app, name="audit")
 app.add_typer(inventory.app, name="inventory")
 app.add_typer(principal.app, name="principal")
+app.add_typer(orders.app, name="orders")
+app.add_typer(pki.app, name="pki")
 app.command("import")(importing.import_file)
+app.command("claim")(claim.claim)
 app.command("approve")(approving.approve)
 app.command("demo")(demo.demo)
 app.command("serve")(serve.serve)

@@ -45,6 +45,18 @@ def import_key(name: str = typer.Argument(..., help="vendor name"),
     dual.request("vendor.import-key", {"name": name, "out": str(out.resolve())})
 
 
+@app.command("add-ca")
+@reports_errors
+def add_ca(name: str = typer.Argument(..., help="vendor name"),
+           certificate: Path = typer.Option(..., exists=True, dir_okay=False,
+                                            help="the vendor's factory CA certificate (PEM)")
+           ) -> None:
+    """Register a factory CA certificate of a vendor, which its meters' factory certificates
+    must chain to (dual control: performed when a second security officer approves)."""
+    dual.request("vendor.add-ca", {"name": name,
+                                   "certificate_pem": certificate.read_text(encoding="ascii")})
+
+
 @app.command("list")
 @reports_errors
 def list_vendors() -> None:

@@ -11,9 +11,11 @@ from typing import Any
 
 from flows.audit_checkpoint import audit_checkpoint
 from flows.factory_import import factory_import
+from flows.ownership_claim import ownership_claim
 
 FACTORY_IMPORT = "factory-import"
 AUDIT_CHECKPOINT = "audit-checkpoint"
+OWNERSHIP_CLAIM = "ownership-claim"
 CHECKPOINT_EVERY_SECONDS = 3600
 _APPROVE = ("A run started here waits for `meterkeys approve RUN_ID` by a principal allowed "
             "to {action} (leave `request` empty).")
@@ -30,6 +32,16 @@ def deployments() -> list[Any]:
                         + _APPROVE.format(action="import batches"),
             tags=["meterkeys", "import"],
             concurrency_limit=2,
+        ),
+        ownership_claim.to_deployment(
+            name=OWNERSHIP_CLAIM,
+            description="Take registered meters over from their manufacturer: the DSO's keys "
+                        "generated in the HSM, sent through the HES, proven by each meter, the "
+                        "factory keys destroyed. Parameters: one of batch_id, vendor or serials "
+                        "(a list), how long to wait for outcomes, the HSM workers. "
+                        + _APPROVE.format(action="claim meters"),
+            tags=["meterkeys", "claim"],
+            concurrency_limit=1,
         ),
         audit_checkpoint.to_deployment(
             name=AUDIT_CHECKPOINT,

@@ -86,6 +86,24 @@ class Settings(BaseSettings):
                                                          "token initialisation")
     simulation_home: Path | None = Field(default=None, description="files of the simulated "
                                          "manufacturers and meters (default: <home>-simulation)")
+    hes: str | None = Field(default=None, pattern=r"^(file|simulated):.+$",
+                            description="the Head End System the ownership claim talks to: "
+                                        "file:<dir> (orders and outcomes as JSON lines in that "
+                                        "folder) or simulated:<dir> (the simulator's HES)")
+    claim_chunk_size: int = Field(default=500, ge=1, le=20000, description="meters per chunk "
+                                  "of an ownership claim (one HSM job and one transaction)")
+    dso_name: str = Field(default="meterkeys DSO", min_length=1, max_length=64,
+                          description="the DSO's name: O= of every certificate it issues")
+    pki_crl_base_url: str = Field(default="http://pki.invalid/crl/", description="where CRLs "
+                                  "are published: each CA's is <base><CA name>-<generation>.crl")
+    root_token_label: str = Field(default="meterkeys-root", description="token of the offline "
+                                  "root CA key; only the PKI ceremony opens it")
+    root_pin_file: Path | None = Field(default=None, description="user PIN of the root token "
+                                       "(default: <home>/secrets/root-user.pin); read by the "
+                                       "PKI ceremony only")
+    root_so_pin_file: Path | None = Field(default=None, description="SO PIN of the root token "
+                                          "(default: <home>/secrets/root-so.pin); read by the "
+                                          "PKI ceremony only, to create the token")
 
     # --- derived paths -------------------------------------------------------------------------
     @property

@@ -16,6 +16,14 @@
     │       └── ReplayedRequest     a signed request's nonce was used before
     ├── AuditError                  the audit trail is broken (names the first bad event)
     ├── BackupError                 a token backup is unusable or a restore was refused
+    ├── PkiError                    a CA, certificate or CRL cannot be made or used (names it)
+    │   └── FactoryTrustError       a meter's factory certificate does not verify (names the
+    │                               meter and the reason)
+    ├── DlmsError                   DLMS data is malformed (names the field and byte offset)
+    │   ├── CounterReplayed         an invocation counter at or below the last one seen
+    │   └── ProofRefused            a meter's proof of possession does not hold
+    ├── PortError                   a HES file or message is malformed (names file and line)
+    ├── ClaimError                  a meter cannot be claimed, or an outcome cannot be settled
     └── BatchError                  a factory batch as a whole is unacceptable
         ├── ManifestError           missing, malformed or badly signed manifest
         └── ChecksumError           the file is not the one the manifest describes
@@ -160,6 +168,60 @@ class BackupError(MeterkeysError):
         self.path = path
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+class PkiError(MeterkeysError):
+    """A CA, certificate or CRL cannot be made, found or used; ``what`` names it."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what = what
+        self.reason = reason
+        super().__init__(f"{what}: {reason}")
+
+
+class FactoryTrustError(PkiError):
+    """A meter's factory certificate does not verify against its vendor's factory CAs."""
+
+    def __init__(self, meter: str, reason: str) -> None:
+        self.meter = meter
+        self.what = f"meter {meter}"
+        self.reason = reason
+        Exception.__init__(self, f"meter {meter}: factory certificate refused: {reason}")
+
+
+class DlmsError(MeterkeysError):
+    """DLMS data is malformed or refused; ``where`` names what (field, offset, meter)."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"{where}: {reason}")
+
+
+class CounterReplayed(DlmsError):
+    """An invocation counter is at or below the last one seen for its key (a replay)."""
+
+
+class ProofRefused(DlmsError):
+    """A meter's answer does not prove that it holds the key it was asked to prove."""
+
+
+class PortError(MeterkeysError):
+    """A HES file or message is malformed; names the file and line (or the order)."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"{where}: {reason}")
+
+
+class ClaimError(MeterkeysError):
+    """A meter cannot be claimed, or an outcome cannot be settled; ``what`` names which."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what = what
+        self.reason = reason
+        super().__init__(f"{what}: {reason}")
 
 
 class BatchError(MeterkeysError):

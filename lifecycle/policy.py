@@ -71,6 +71,29 @@ OAEP_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 }
 TRANSPORT_ALGS: dict[str, str] = {f"RSA-OAEP-{name.upper()}": name for name in OAEP_HASHES}
 
+# --- the DSO's PKI (lifecycle.pki) ---------------------------------------------------------------
+_YEAR = 365.25
+# A meter lives 15 years in the field (the DSO's planning horizon); its operational certificates
+# must outlast it, with a year of margin for late installation and late replacement.
+DEVICE_CERT_VALIDITY = timedelta(days=round(16 * _YEAR))
+# NIST SP 800-57 Part 1 Rev. 5 §5.3.6 (table 1): a private signature key's originator-usage
+# period is 1-3 years; a CA key that signs certificates is renewed (new key) after this.
+CA_ISSUING_PERIOD = timedelta(days=round(3 * _YEAR))
+# A sub-CA certificate outlives the last device certificate it may sign (shell model: openssl
+# and most meters check every certificate of the chain at the same time).
+SUB_CA_VALIDITY = CA_ISSUING_PERIOD + DEVICE_CERT_VALIDITY
+# The root signs sub-CAs over its own issuing period of twice theirs, so it outlives them too.
+ROOT_CA_VALIDITY = 2 * CA_ISSUING_PERIOD + SUB_CA_VALIDITY
+# The firmware signing certificate: a leaf of the root, renewed at a ceremony.
+FIRMWARE_CERT_VALIDITY = timedelta(days=round(5 * _YEAR))
+# CRL nextUpdate (RFC 5280 §5.1.2.5): the online sub-CAs publish weekly (``meterkeys pki crl``
+# on a schedule); the offline root at each ceremony, at least yearly.
+CRL_NEXT_UPDATE = timedelta(days=7)
+ROOT_CRL_NEXT_UPDATE = timedelta(days=365)
+# RFC 5280 §4.1.2.2: at most 20 octets, positive; 159 random bits keep the DER INTEGER positive
+# and within 20 octets (CA/Browser Forum asks 64 bits at least).
+SERIAL_BITS = 159
+
 
 def storage_kek_role(key_id: KeyId) -> str:
     """Return which storage KEK wraps a meter key: the master key has its own.

@@ -75,9 +75,13 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "vendor.add": _SO,
     "vendor.import-key": _SO,
     "pki.ceremony": _SO,
+    "pki.revoke": _SO,
+    "pki.crl": frozenset({SECURITY_OFFICER, OPERATOR}),
+    "vendor.add-ca": _SO,
     ENROL: _SO,
     DISABLE: _SO,
     "batch.import": frozenset({SECURITY_OFFICER, OPERATOR}),
+    "meter.claim": frozenset({SECURITY_OFFICER, OPERATOR}),
     "audit.checkpoint": frozenset({SECURITY_OFFICER, OPERATOR, SYSTEM}),
     "meter.read": frozenset({SECURITY_OFFICER, OPERATOR, AUDITOR}),
     "audit.read": frozenset({SECURITY_OFFICER, AUDITOR}),
@@ -87,7 +91,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
 }
 BOOTSTRAP = "principal.bootstrap"
 DUAL_CONTROL = frozenset({ENROL, DISABLE, "vendor.add", "vendor.import-key", "hsm.backup",
-                          "hsm.restore", "pki.ceremony"})
+                          "hsm.restore", "pki.ceremony", "vendor.add-ca"})
 ACCEPTED, REPLAYED, PENDING_EVENT = "request.accepted", "request.replayed", "request.pending"
 
 T = TypeVar("T")

@@ -2,6 +2,7 @@
 
     boundary        one lock for every PKCS#11 call of a process; PKCS#11 errors translated
     session         HsmSession: long-lived keys checked and pinned, wrap/unwrap, MAC, sign, GCM
+    dlms_ops        DLMS: new meter keys wrapped for storage and the meter; the proof check
     native          the ctypes path for nested templates (C_GenerateKey[Pair], attribute reads)
     templates       key profiles and the policy every long-lived key is checked against
     keyring         lookup by label and pinned CKA_ID, policy check, check values, pins trusted

@@ -35,6 +35,7 @@ from lifecycle.hsm.boundary import translated
 from lifecycle.hsm.templates import (
     AUDIT_KEY,
     BLOB_MAC,
+    CA_KEY,
     IMPORT_KEY,
     MASTER_KEK,
     STORAGE_KEK,
@@ -48,6 +49,7 @@ CHECK_MESSAGE = b"meterkeys blob MAC check value v1"
 ROLE_KINDS = {"storage-kek": STORAGE_KEK, "storage-kek-master": MASTER_KEK,
               "blob-mac": BLOB_MAC, "audit-signing": AUDIT_KEY}
 IMPORT_ROLE_PREFIX = "import:"
+CA_ROLE_PREFIX = "ca:"  # ca:<CA name>:<generation>, one pin per CA key (lifecycle.pki)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ def kind_of_role(role: str) -> Kind:
     """
     if role.startswith(IMPORT_ROLE_PREFIX):
         return IMPORT_KEY
+    if role.startswith(CA_ROLE_PREFIX):
+        return CA_KEY
     kind = ROLE_KINDS.get(role)
     if kind is None:
         raise KeyPolicyError("key", role, "unknown role in the pins")
@@ -287,6 +291,6 @@ def new_key_id() -> bytes:
     return secrets.token_bytes(16)
 
 
-__all__ = ["CHECK_KEY", "CHECK_MESSAGE", "KeyPin", "check_value", "find", "forget_trust",
-           "kind_of_role", "new_key_id", "public_key_der", "read_attributes", "role_labels",
-           "trust", "trusted_pin", "violations"]
+__all__ = ["CA_ROLE_PREFIX", "CHECK_KEY", "CHECK_MESSAGE", "KeyPin", "check_value", "find",
+           "forget_trust", "kind_of_role", "new_key_id", "public_key_der", "read_attributes",
+           "role_labels", "trust", "trusted_pin", "violations"]

@@ -29,6 +29,7 @@ from lifecycle.hsm.keyring import IMPORT_ROLE_PREFIX, KeyPin
 from lifecycle.hsm.templates import (
     AUDIT_KEY,
     BLOB_MAC,
+    CA_KEY,
     IMPORT_KEY,
     IMPORT_KEY_BITS,
     MAC_KEY_BITS,
@@ -235,6 +236,34 @@ class HsmSession:
                   Attribute.EC_PARAMS: encode_named_curve_parameters(CURVES[curve])}
         return self._generate_pair(AUDIT_KEY, "audit-signing", label, Mechanism.EC_KEY_PAIR_GEN,
                                    params)
+
+    def generate_ca_key(self, label: str, curve: str, role: str) -> KeyPin:
+        """Generate a CA's EC key pair (``CA_KEY``: private SIGN with CKM_ECDSA only, never
+        extractable, modifiable, copyable or destroyable); return its pin under ``role``.
+
+        Raises:
+            PermanentHsmError: an unsupported curve, or generation failed.
+            KeyPolicyError: another object took the label.
+        """
+        if curve not in CURVES:
+            raise PermanentHsmError("generate CA key", f"unsupported curve {curve}", label)
+        params: dict[int, Any] = {Attribute.KEY_TYPE: KeyType.EC,
+                                  Attribute.EC_PARAMS: encode_named_curve_parameters(CURVES[curve])}
+        return self._generate_pair(CA_KEY, role, label, Mechanism.EC_KEY_PAIR_GEN, params)
+
+    def sign_digests(self, label: str, digests: Sequence[bytes]) -> list[bytes]:
+        """Sign digests with a CA key (CKM_ECDSA); return each raw signature (r || s).
+
+        The key is checked against ``CA_KEY`` (and its pin, once trusted) before the first use
+        in this session; the whole list is signed under one lock hold.
+
+        Raises:
+            KeyNotFound: no CA key with this label.
+            KeyPolicyError: the key is weaker than policy or not the pinned one.
+        """
+        private = self._long_lived(label, CA_KEY)
+        with translated("ECDSA sign", label):
+            return [bytes(private.sign(digest, mechanism=Mechanism.ECDSA)) for digest in digests]
 
     def generate_token_rsa(self, label: str, bits: int = IMPORT_KEY_BITS, *,
                            role: str | None = None) -> KeyPin:

@@ -157,6 +157,13 @@ AUDIT_KEY = Kind("audit key", {
                               Attribute.ALLOWED_MECHANISMS: [Mechanism.ECDSA]},
     ObjectClass.PUBLIC_KEY: {**PUBLIC_PROTECTION, **_flags(PUBLIC_USAGE, Attribute.VERIFY)},
 })
+# A CA's signing key (lifecycle.pki): the audit key's profile under its own name, so a CA key
+# and the audit key are never taken one for the other. ECDSA over a digest hashed outside.
+CA_KEY = Kind("CA key", {
+    ObjectClass.PRIVATE_KEY: {**LONG_LIVED_PROTECTION, **_flags(PRIVATE_USAGE, Attribute.SIGN),
+                              Attribute.ALLOWED_MECHANISMS: [Mechanism.ECDSA]},
+    ObjectClass.PUBLIC_KEY: {**PUBLIC_PROTECTION, **_flags(PUBLIC_USAGE, Attribute.VERIFY)},
+})
 IMPORT_KEY = Kind("import key", {
     ObjectClass.PRIVATE_KEY: {**LONG_LIVED_PROTECTION, **_flags(PRIVATE_USAGE, Attribute.UNWRAP),
                               Attribute.ALLOWED_MECHANISMS: [Mechanism.RSA_PKCS_OAEP],
@@ -199,6 +206,6 @@ def pair_templates(kind: Kind, label: str, key_id: bytes,
     return public, private
 
 
-__all__ = ["AUDIT_KEY", "BLOB_MAC", "IMPORT_KEY", "MASTER_KEK", "STORAGE_KEK", "Kind",
+__all__ = ["AUDIT_KEY", "BLOB_MAC", "CA_KEY", "IMPORT_KEY", "MASTER_KEK", "STORAGE_KEK", "Kind",
            "call_template", "in_flight_profile", "master_profile", "pair_templates",
            "secret_template", "transport_profile", "usage_profile"]

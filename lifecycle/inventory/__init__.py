@@ -11,6 +11,10 @@
     hsm_keys      pins of the HSM's long-lived keys (CKA_ID and check value per role)
     installations the installation's id (signed into audit checkpoints, kept by the witness)
     backups       token backup generations
+    certificates  the DSO's PKI: CA certificates, issued certificates, CRLs (DER)
+    vendor_cas    manufacturers' factory CA certificates
+    claims        the ownership claim: key orders sent to the HES, invocation counters,
+                  certificate orders
     migrations/   Alembic revisions
 
 No column holds key material in clear, a PIN or a transport key. Every table module is imported
@@ -21,11 +25,14 @@ from lifecycle.inventory import (  # noqa: F401 - registers every table in the m
     audit_events,
     backups,
     batches,
+    certificates,
+    claims,
     hsm_keys,
     installations,
     kek_checks,
     meters,
     principals,
     requests,
+    vendor_cas,
     vendors,
 )

@@ -12,7 +12,17 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Column, LargeBinary, String, Text, UniqueConstraint, func, select
+from sqlalchemy import (
+    Column,
+    Index,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    select,
+    text,
+)
 from sqlmodel import Field, Session, SQLModel
 
 from lifecycle.clock import utcnow
@@ -46,11 +56,20 @@ class Meter(SQLModel, table=True):
     factory_certificate: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+    # When the claim proved the DSO's keys on the meter and destroyed the factory keys: from
+    # then on the manufacturer holds no key the meter accepts (lifecycle.claim).
+    manufacturer_access_ended_at: datetime | None = None
 
 
 class KeyVersion(SQLModel, table=True):
     __tablename__ = "key_version"
-    __table_args__ = (UniqueConstraint("meter_id", "key_id", "version"),)
+    __table_args__ = (
+        UniqueConstraint("meter_id", "key_id", "version"),
+        # Never two pending versions of one key (lifecycle.claim.rules): the database holds the
+        # rule too, across processes.
+        Index("uq_key_version_one_pending", "meter_id", "key_id", unique=True,
+              sqlite_where=text("state = 'pending'"), postgresql_where=text("state = 'pending'")),
+    )
     id: int | None = Field(default=None, primary_key=True)
     meter_id: int = Field(foreign_key="meter.id", index=True)
     key_id: int
@@ -166,19 +185,22 @@ def sample_blobs(session: Session, kek_label: str, limit: int = 8) -> list[bytes
 
 
 def count_blobs(session: Session) -> int:
-    """Return the number of stored key blobs."""
-    return int(session.execute(select(func.count()).select_from(KeyVersion)).scalar_one())
+    """Return the number of stored key blobs (a destroyed version has none)."""
+    return int(session.execute(select(func.count()).select_from(KeyVersion).where(
+        KeyVersion.state != KeyState.DESTROYED)).scalar_one())
 
 
 def stream_blobs(session: Session, chunk: int = 5000) -> Iterator[Sequence[Any]]:
     """Yield every stored key blob with what it belongs to, in lists of ``chunk`` rows.
 
     Each row has ``id, serial, system_title, key_id, version, kek_label, blob, mac``; memory
-    stays flat however large the inventory.
+    stays flat however large the inventory. Destroyed versions (the claim empties their blob
+    and MAC) are left out.
     """
     stmt = (select(KeyVersion.id, Meter.serial, Meter.system_title, KeyVersion.key_id,
                    KeyVersion.version, KeyVersion.kek_label, KeyVersion.blob, KeyVersion.mac)
             .join(Meter, Meter.id == KeyVersion.meter_id)
+            .where(KeyVersion.state != KeyState.DESTROYED)
             .order_by(KeyVersion.id)
             .execution_options(yield_per=chunk))
     yield from session.execute(stmt).partitions(chunk)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
-PACKAGES = ("lifecycle", "tasks", "flows", "deployments", "cli", "simulator")
+PACKAGES = ("lifecycle", "tasks", "flows", "deployments", "cli", "simulator", "hes_adapters")
 # Shared foundations of the lifecycle; every other package under lifecycle/ is a process.
 # ``installation`` (the HSM's long-lived keys and their pins) is one: every process checks the
 # keys through it before it starts. ``identity`` (signed requests, principals' keys, the trust

@@ -1,0 +1,244 @@
+"""Benchmark of the ownership claim against the raw ceiling of the HSM for the same work.
+
+    .venv/bin/python bench/claim_bench.py --meters 2000 --workers 2
+
+In one run, in a fresh embedded home: a token, an inventory, principals with keys, the vendor
+acme with its factory CAs registered, a batch of ``--meters`` meters (suites 0 and 1, round
+robin: half of them get two operational certificates) imported through the factory-import flow,
+the PKI ceremony, and a simulated HES over the batch's meters. Then:
+
+1. the HSM ceiling for the claim's HSM work, per meter: the key transfer (binding MAC of the
+   factory master, master unwrap, GBEK, GAK, KEK generated and wrapped for storage and for the
+   meter, their MACs; then the new master's MAC and unwrap, the GUEK generated and wrapped
+   twice, its MAC), one proof check (GUEK blob MAC, unwrap, AES-GCM, compare) and, for a suite
+   1 meter, two ECDSA P-256 certificate signatures: a tight loop through the HSM layer, no
+   pool, database, Prefect or simulator, in one process and in N spawned processes;
+2. the ownership-claim flow on every meter with N HSM workers. The simulated meters' own work
+   (unwrapping, ciphering proofs, key pairs and certificate requests) and the simulator's state
+   file are measured by the simulated HES and subtracted.
+
+The last line printed is JSON: meters, certificates, seconds (flow, wall), sim_seconds (the
+simulator's share), claim_seconds (the difference), meters_per_s and certificates_per_s (over
+claim_seconds), hsm_ceiling_meters_per_s (1 process), hsm_ceiling_workers_meters_per_s (N),
+ratio (meters_per_s / N-process ceiling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def _ceiling_worker(args: tuple[dict[str, str], list[dict[str, Any]], int, float, str,
+                                float]) -> tuple[int, float]:
+    """The claim's HSM work for ``n_meters`` meters in a tight loop, from ``start_at``."""
+    env, masters, n_meters, suite1_share, ca_label, start_at = args
+    os.environ.update(env)
+    from lifecycle.config import load_settings
+    from lifecycle.hsm import dlms_ops
+    from lifecycle.hsm.connection import Hsm
+    from lifecycle.meter_keys.binding import BlobContext, message
+    from lifecycle.policy import KeyId, storage_kek_role
+
+    s = load_settings()
+    first_ids = [KeyId.GBEK, KeyId.GAK, KeyId.KEK]
+    first_labels = [s.kek_label(storage_kek_role(k)) for k in first_ids]
+    guek_label = s.kek_label(storage_kek_role(KeyId.GUEK))
+    chunk = 250
+    with Hsm.open(s).session() as hs:
+        while time.time() < start_at:
+            time.sleep(0.001)
+        t0 = time.perf_counter()
+        done = 0
+        while done < n_meters:
+            part = [masters[(done + i) % len(masters)] for i in range(chunk)]
+            ok = hs.verify_mac(s.blob_mac_label, [message(BlobContext(
+                m["serial"], m["title"], KeyId.KEK, 1, s.master_kek_label), m["blob"])
+                for m in part], [m["mac"] for m in part])
+            assert all(ok)
+            made = [dlms_ops.new_dlms_keys(hs, s.master_kek_label, m["blob"], first_labels,
+                                           [int(k) for k in first_ids], 128) for m in part]
+            hs.mac(s.blob_mac_label, [message(BlobContext(m["serial"], m["title"], k.key_id, 2,
+                                                          first_labels[j]), k.blob)
+                                      for m, keys in zip(part, made, strict=True)
+                                      for j, k in enumerate(keys)])
+            masters2 = [keys[2].blob for keys in made]
+            macs2 = hs.mac(s.blob_mac_label, [message(BlobContext(
+                m["serial"], m["title"], KeyId.KEK, 2, s.master_kek_label), b)
+                for m, b in zip(part, masters2, strict=True)])  # stands for the MAC check
+            gueks = [dlms_ops.new_dlms_keys(hs, s.master_kek_label, b, [guek_label],
+                                            [int(KeyId.GUEK)], 128)[0] for b in masters2]
+            guek_macs = hs.mac(s.blob_mac_label, [message(BlobContext(
+                m["serial"], m["title"], KeyId.GUEK, 2, guek_label), g.blob)
+                for m, g in zip(part, gueks, strict=True)])
+            hs.verify_mac(s.blob_mac_label, [message(BlobContext(
+                m["serial"], m["title"], KeyId.GUEK, 2, guek_label), g.blob)
+                for m, g in zip(part, gueks, strict=True)], guek_macs)
+            dlms_ops.gcm_ciphertexts_match(hs, guek_label, [dlms_ops.CiphertextCheck(
+                g.blob, bytes(12), bytes(16), bytes(16)) for g in gueks])
+            signatures = int(round(2 * chunk * suite1_share))
+            if signatures:
+                hs.sign_digests(ca_label, [bytes(32)] * signatures)
+            assert len(macs2) == chunk
+            done += chunk
+        return done, time.perf_counter() - t0
+
+
+def ceiling(processes: int, n_meters: int, env: dict[str, str], masters: list[dict[str, Any]],
+            suite1_share: float, ca_label: str) -> float:
+    """Return meters/s of the raw HSM loop on ``processes`` spawned processes."""
+    ctx = multiprocessing.get_context("spawn")
+    start_at = time.time() + 3.0
+    with ctx.Pool(processes) as pool:
+        results = pool.map(_ceiling_worker, [(env, masters, n_meters, suite1_share, ca_label,
+                                              start_at)] * processes)
+    return sum(n for n, _ in results) / max(t for _, t in results)
+
+
+def setup(home: Path, meters: int, suites: tuple[int, ...]) -> dict[str, Any]:
+    """Token, inventory, principals, acme with its factory CAs, an imported batch, the PKI."""
+    from import_bench import enrol_bench_principals, run_flow
+
+    from lifecycle.clock import utcnow
+    from lifecycle.config import load_settings
+    from lifecycle.factory_import.vendor import ensure_import_key
+    from lifecycle.installation import steps
+    from lifecycle.inventory import vendors
+    from lifecycle.inventory.db import make_engine, migrate, transaction
+    from lifecycle.pki import ceremony
+    from lifecycle.pki import steps as pki
+    from simulator.manufacturer import Manufacturer
+
+    s = load_settings()
+    engine = make_engine(s.db_url)
+    migrate(engine)
+    steps.init(s, engine, make_pin_files=True)
+    maker = Manufacturer.create(home / "manufacturer", "acme", "P-256")
+    mapping = ROOT / "simulator" / "mappings" / "acme.toml"
+    operator = enrol_bench_principals(s, engine, home / "principals")
+    with transaction(engine) as session:
+        vendors.add_vendor(session, "acme", maker.signing_public_pem(),
+                           mapping.read_text(encoding="utf-8"))
+    for suite in (1, 2):
+        pki.add_vendor_ca(engine, steps.UNATTENDED, "acme", maker.factory_ca_pem(suite),
+                          utcnow())
+    ceremony.ceremony(s, engine, steps.UNATTENDED)
+    pem, oaep = ensure_import_key(engine, s, "acme")
+    files = maker.make_batch(out=home / "batch", mapping_path=mapping,
+                             import_public_pem=pem.decode(), oaep_hash=oaep, count=meters,
+                             suites=suites, batch_ref="BENCH-CLAIM")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        summary, seconds = run_flow(files.data, 2, operator, engine)
+    print(f"imported {summary['imported']} meters in {seconds:.1f} s", file=sys.stderr)
+    return {"settings": s, "engine": engine, "operator": operator, "files": files,
+            "ca_label": pki.issuer(s, engine, "device-p256").key_label}
+
+
+def masters_of(engine: Any, limit: int) -> list[dict[str, Any]]:
+    """The active master key blobs (and MACs) of the first meters, for the ceiling loop."""
+    from lifecycle.inventory import meters
+    from lifecycle.inventory.db import transaction
+    from lifecycle.policy import KeyId
+
+    out = []
+    with transaction(engine) as session:
+        for meter in meters.list_meters(session, limit=limit):
+            kek = next(k for k in meters.key_versions(session, int(meter.id or 0))
+                       if k.key_id == KeyId.KEK and k.state == "active")
+            out.append({"serial": meter.serial, "title": meter.system_title,
+                        "blob": bytes(kek.blob), "mac": bytes(kek.mac or b"")})
+    return out
+
+
+def run_claim(ctx: dict[str, Any], hes: Any, workers: int) -> tuple[dict[str, Any], float]:
+    import tasks.claim
+    from flows.ownership_claim import ownership_claim
+    from lifecycle import principals
+    from lifecycle.clock import utcnow
+    from lifecycle.identity import request
+
+    tasks.claim.open_hes = lambda: hes  # the bench's instance, to read its meter_seconds
+    params: dict[str, Any] = {"batch_id": None, "vendor": "acme", "serials": None,
+                              "wait_seconds": 0.0, "workers": workers}
+    signed = request.encode([principals.sign(ctx["engine"], ctx["operator"], "meter.claim",
+                                             params, at=utcnow())])
+    t0 = time.perf_counter()
+    summary = ownership_claim(**params, request=signed)
+    return summary, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--meters", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--ceiling-meters", type=int, default=2000,
+                        help="meters per process for the ceiling loops")
+    parser.add_argument("--home", type=Path, default=None, help="state dir (default: temp)")
+    args = parser.parse_args()
+
+    os.umask(0o077)
+    home = args.home or Path(tempfile.mkdtemp(prefix="meterkeys-claim-bench-"))
+    os.environ["METERKEYS_HOME"] = str(home)
+    os.environ["PREFECT_HOME"] = str(home / "prefect")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    os.environ["DO_NOT_TRACK"] = "1"
+    os.environ["METERKEYS_HES"] = f"simulated:{home / 'sim' / 'hes'}"
+    for name in ("METERKEYS_PIN", "METERKEYS_DATABASE_URL"):
+        os.environ.pop(name, None)
+    suites = (0, 1)
+    ctx = setup(home, args.meters, suites)
+    env = {k: v for k, v in os.environ.items() if k.startswith(("METERKEYS_", "PREFECT_"))}
+    masters = masters_of(ctx["engine"], 500)
+    share = suites.count(1) / len(suites)
+    one = ceiling(1, args.ceiling_meters, env, masters, share, ctx["ca_label"])
+    many = ceiling(max(1, args.workers), args.ceiling_meters, env, masters, share,
+                   ctx["ca_label"])
+    print(f"HSM ceiling {one:,.0f} meters/s (1 process), {many:,.0f} meters/s "
+          f"({args.workers} processes)", file=sys.stderr)
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from simulator.hes import SimulatedHes
+
+    hes = SimulatedHes.open(home / "sim" / "hes", [ctx["files"].secrets], engine="cryptography")
+    hes.meter_seconds = hes.state_seconds = 0.0
+    with prefect_test_harness(server_startup_timeout=120):
+        summary, seconds = run_claim(ctx, hes, args.workers)
+    claimed = len(summary["claimed"]) + len(summary["recovered"])
+    if claimed != args.meters:
+        raise SystemExit(f"claimed {claimed} of {args.meters}: {summary['failed']}")
+    certs = 2 * len(summary["certified"])
+    sim = hes.meter_seconds + hes.state_seconds
+    net = seconds - sim
+    rate = args.meters / net
+    print(f"claimed {args.meters} meters and issued {certs} certificates in {seconds:.1f} s, "
+          f"of which the simulated meters {hes.meter_seconds:.1f} s and the simulator's state "
+          f"file {hes.state_seconds:.1f} s: {rate:,.0f} meters/s, {certs / net:,.0f} "
+          "certificates/s without them", file=sys.stderr)
+    print(json.dumps({
+        "meters": args.meters, "certificates": certs, "workers": args.workers,
+        "seconds": round(seconds, 2), "sim_seconds": round(sim, 2),
+        "sim_meter_seconds": round(hes.meter_seconds, 2),
+        "sim_state_seconds": round(hes.state_seconds, 2), "claim_seconds": round(net, 2),
+        "meters_per_s": round(rate, 1), "certificates_per_s": round(certs / net, 1),
+        "hsm_ceiling_meters_per_s": round(one, 1),
+        "hsm_ceiling_workers_meters_per_s": round(many, 1), "ratio": round(rate / many, 3),
+        "speedup_vs_one_process_ceiling": round(rate / one, 3)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Flow: take meters over from their manufacturer (DESIGN.md process 2, the ownership claim)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
+
+from tasks import approval, audit, hsm
+from tasks import claim as t
+
+ACTION = "meter.claim"
+
+
+@flow(name="ownership-claim", task_runner=ThreadPoolTaskRunner(max_workers=4),  # type: ignore[arg-type]
+      persist_result=False, on_failure=[audit.close_failed_run])
+def ownership_claim(batch_id: int | None = None, vendor: str | None = None,
+                    serials: list[str] | None = None, wait_seconds: float = 30.0,
+                    workers: int | None = None, request: str | None = None) -> dict[str, Any]:
+    """Replace the factory keys of registered meters by the DSO's, proven by each meter.
+
+    Args:
+        batch_id: claim the meters of this import batch;
+        vendor: or those of this vendor;
+        serials: or these meters (give exactly one of the three).
+        wait_seconds: how long to wait for the HES's outcomes before recovering.
+        workers: HSM worker processes (default: from settings).
+        request: the signed request of an operator together with a security officer over the
+            other parameters (`meterkeys claim` fills it in). Leave it empty here: the run then
+            waits for `meterkeys approve RUN_ID`.
+    """
+    params = {"batch_id": batch_id, "vendor": vendor, "serials": serials,
+              "wait_seconds": wait_seconds, "workers": workers}
+    actor = approval.authorize_run(ACTION, params, request)
+    hsm.check_keys()
+    chunks = t.select_meters(batch_id, vendor, serials)
+    hes = t.open_hes()
+    report = t.empty_report()
+    with t.open_workers(workers) as pool:
+        # quote(): the pool, the HES and the orders pass to the tasks as they are (Prefect
+        # would otherwise walk them for futures).
+        pool_q, hes_q = quote(pool), quote(hes)
+        for chunk in chunks:
+            orders, prepared = t.prepare_chunk(pool_q, chunk, actor)  # type: ignore[call-overload]
+            report.merge(prepared)
+            t.submit_orders(hes_q, quote(orders), actor)  # type: ignore[call-overload]
+            outcomes = t.collect_outcomes(  # type: ignore[call-overload]
+                hes_q, [o.order_id for o in orders], wait_seconds)
+            report.merge(t.settle_outcomes(pool_q, quote(outcomes), actor))  # type: ignore[call-overload]
+            report.merge(t.recover_meters(pool_q, hes_q, chunk, actor))  # type: ignore[call-overload]
+        # Certificates once the keys are the DSO's: also for meters claimed by a run that
+        # stopped before certifying them.
+        for chunk in t.select_uncertified(batch_id, vendor, serials):
+            report.merge(t.certify_meters(pool_q, hes_q, chunk, actor))  # type: ignore[call-overload]
+    t.finish_claim(report, actor)
+    t.publish_report(report)
+    return report.summary()

@@ -1,0 +1,297 @@
+"""The claim's tables: key orders sent to the HES, and invocation counters per key version.
+
+``claim_order`` holds each order of each attempt: its kind (``lifecycle.claim.rules``), the
+key_data (keys wrapped under a meter master key: never a key in clear; kept so that a retry
+re-sends the same pending keys with a fresh challenge), the challenge (not secret), its status
+and what its outcome showed. An order's status is a record, never evidence: key versions change
+only after a proof checked in the HSM. ``invocation_counter`` keeps the last counter accepted
+per key version (DLMS Green Book §9.2.7.2.4.1: a counter is never accepted twice).
+``certificate_order`` holds the operational certificates issued to a claimed meter (their
+serials, decimal; the certificates are in ``issued_certificate``) until the HES has put them on
+the meter (``delivered``): a run killed between issuing and delivery delivers them on the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, LargeBinary, Text, bindparam, func, select, update
+from sqlmodel import Field, Session, SQLModel
+
+from lifecycle.clock import utcnow
+from lifecycle.inventory.db import bulk_insert, slices
+from lifecycle.inventory.meters import KeyState, KeyVersion, Meter
+from lifecycle.inventory.vendors import Vendor
+
+
+class ClaimOrder(SQLModel, table=True):
+    __tablename__ = "claim_order"
+    order_id: str = Field(primary_key=True, max_length=32)
+    meter_id: int = Field(foreign_key="meter.id", index=True)
+    attempt: int
+    kind: str = Field(max_length=16)
+    key_data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    challenge: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    status: str = Field(max_length=16, index=True)
+    hes_status: str | None = Field(default=None, max_length=16)
+    verdict: str | None = Field(default=None, max_length=16)
+    detail: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow)
+    settled_at: datetime | None = None
+
+
+class InvocationCounter(SQLModel, table=True):
+    __tablename__ = "invocation_counter"
+    key_version_id: int = Field(primary_key=True, foreign_key="key_version.id")
+    last_ic: int = Field(sa_column=Column(BigInteger, nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class CertificateOrder(SQLModel, table=True):
+    __tablename__ = "certificate_order"
+    order_id: str = Field(primary_key=True, max_length=32)
+    meter_id: int = Field(foreign_key="meter.id", index=True)
+    signature_serial: str = Field(max_length=64)
+    key_agreement_serial: str = Field(max_length=64)
+    status: str = Field(max_length=16, index=True)  # pending | delivered
+    created_at: datetime = Field(default_factory=utcnow)
+    delivered_at: datetime | None = None
+
+
+def select_meter_ids(session: Session, *, batch_id: int | None = None,
+                     vendor: str | None = None, serials: Sequence[str] = (),
+                     states: Sequence[str] = ()) -> list[int]:
+    """Return the ids of the meters of a batch, a vendor or a list of serials (in ``states``),
+    ordered by serial."""
+    stmt = select(Meter.id).order_by(Meter.serial)
+    if batch_id is not None:
+        stmt = stmt.where(Meter.batch_id == batch_id)
+    if vendor is not None:
+        stmt = stmt.join(Vendor, Vendor.id == Meter.vendor_id).where(Vendor.name == vendor)
+    if states:
+        stmt = stmt.where(Meter.state.in_(list(states)))
+    if not serials:
+        return [int(i) for (i,) in session.execute(stmt)]
+    found: list[int] = []
+    for part in slices(list(serials)):
+        found += [int(i) for (i,) in session.execute(stmt.where(Meter.serial.in_(part)))]
+    return found
+
+
+def meters_by_id(session: Session, ids: Sequence[int]) -> list[Meter]:
+    """Return meters by id, ordered by serial."""
+    out: list[Meter] = []
+    for part in _id_slices(ids):
+        out += session.execute(select(Meter).where(Meter.id.in_(part))).scalars()
+    return sorted(out, key=lambda m: m.serial)
+
+
+def key_versions_of(session: Session, meter_ids: Sequence[int]) -> dict[int, list[KeyVersion]]:
+    """Return the key versions of each meter, by key id then version."""
+    out: dict[int, list[KeyVersion]] = {int(i): [] for i in meter_ids}
+    for part in _id_slices(meter_ids):
+        stmt = select(KeyVersion).where(KeyVersion.meter_id.in_(part)).order_by(
+            KeyVersion.meter_id, KeyVersion.key_id, KeyVersion.version)
+        for key in session.execute(stmt).scalars():
+            out[key.meter_id].append(key)
+    return out
+
+
+def insert_key_versions(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert key versions (pending ones: the partial unique index refuses a second pending
+    version of one key)."""
+    bulk_insert(session.connection(), KeyVersion.__table__, rows)
+
+
+def add_orders(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert claim orders."""
+    bulk_insert(session.connection(), ClaimOrder.__table__, rows)
+
+
+def get_order(session: Session, order_id: str) -> ClaimOrder | None:
+    """Return an order, or None."""
+    return session.get(ClaimOrder, order_id)
+
+
+def orders_by_id(session: Session, order_ids: Sequence[str]) -> dict[str, ClaimOrder]:
+    """Return the known orders among the given ids."""
+    out: dict[str, ClaimOrder] = {}
+    for part in slices(list(order_ids)):
+        for order in session.execute(select(ClaimOrder).where(
+                ClaimOrder.order_id.in_(part))).scalars():
+            out[order.order_id] = order
+    return out
+
+
+def last_orders(session: Session, meter_ids: Sequence[int]) -> dict[int, list[ClaimOrder]]:
+    """Return each meter's orders of its latest attempt."""
+    out: dict[int, list[ClaimOrder]] = {}
+    for part in _id_slices(meter_ids):
+        latest = (select(ClaimOrder.meter_id, func.max(ClaimOrder.attempt).label("attempt"))
+                  .where(ClaimOrder.meter_id.in_(part)).group_by(ClaimOrder.meter_id)
+                  .subquery())
+        stmt = select(ClaimOrder).join(latest, (latest.c.meter_id == ClaimOrder.meter_id)
+                                       & (latest.c.attempt == ClaimOrder.attempt))
+        for order in session.execute(stmt.order_by(ClaimOrder.kind)).scalars():
+            out.setdefault(order.meter_id, []).append(order)
+    return out
+
+
+def pending_orders(session: Session, meter_ids: Sequence[int] | None = None) -> list[ClaimOrder]:
+    """Return orders waiting for an outcome (of some meters, or all), oldest first."""
+    stmt = select(ClaimOrder).where(ClaimOrder.status == "pending")
+    if meter_ids is None:
+        return list(session.execute(stmt.order_by(ClaimOrder.created_at,
+                                                   ClaimOrder.order_id)).scalars())
+    out: list[ClaimOrder] = []
+    for part in _id_slices(meter_ids):
+        out += session.execute(stmt.where(ClaimOrder.meter_id.in_(part))).scalars()
+    return sorted(out, key=lambda o: (o.created_at, o.order_id))
+
+
+def supersede(session: Session, meter_ids: Sequence[int], at: datetime) -> int:
+    """Mark the meters' pending orders superseded (a new attempt replaces them)."""
+    done = 0
+    for part in _id_slices(meter_ids):
+        result = session.execute(update(ClaimOrder).where(
+            ClaimOrder.meter_id.in_(part), ClaimOrder.status == "pending").values(
+            status="superseded", settled_at=at))
+        done += int(getattr(result, "rowcount", 0) or 0)
+    return done
+
+
+def settle_order(session: Session, order_id: str, *, status: str, hes_status: str | None,
+                 verdict: str, detail: str, at: datetime) -> bool:
+    """Record an order's outcome, if it is still pending; return whether it was."""
+    result = session.execute(update(ClaimOrder).where(
+        ClaimOrder.order_id == order_id, ClaimOrder.status == "pending").values(
+        status=status, hes_status=hes_status, verdict=verdict, detail=detail, settled_at=at))
+    return bool(getattr(result, "rowcount", 0))
+
+
+def last_counters(session: Session, key_version_ids: Sequence[int]) -> dict[int, int]:
+    """Return the last accepted invocation counter of each key version that has one."""
+    out: dict[int, int] = {}
+    for part in _id_slices(key_version_ids):
+        for kv, ic in session.execute(select(InvocationCounter.key_version_id,
+                                             InvocationCounter.last_ic).where(
+                InvocationCounter.key_version_id.in_(part))):
+            out[int(kv)] = int(ic)
+    return out
+
+
+def put_counter(session: Session, key_version_id: int, ic: int, at: datetime) -> None:
+    """Record ``ic`` as the last counter of a key version (the caller checked it is above)."""
+    row = session.get(InvocationCounter, key_version_id)
+    if row is None:
+        session.add(InvocationCounter(key_version_id=key_version_id, last_ic=ic, updated_at=at))
+    else:
+        row.last_ic, row.updated_at = ic, at
+    session.flush()
+
+
+def put_counters(session: Session, counters: dict[int, int], at: datetime) -> None:
+    """Record the last counter of several key versions (the caller checked each is above)."""
+    if not counters:
+        return
+    known = set(last_counters(session, list(counters)))
+    for kv in known:
+        session.execute(update(InvocationCounter).where(
+            InvocationCounter.key_version_id == kv).values(last_ic=counters[kv], updated_at=at))
+    bulk_insert(session.connection(), InvocationCounter.__table__, [
+        {"key_version_id": kv, "last_ic": ic, "updated_at": at}
+        for kv, ic in counters.items() if kv not in known])
+
+
+def settle_orders(session: Session, rows: Sequence[dict[str, Any]], at: datetime) -> None:
+    """Record several orders' outcomes (``order_id``, ``hes_status``, ``verdict``, ``detail``)
+    on the orders still pending, in one statement."""
+    if not rows:
+        return
+    stmt = (update(ClaimOrder.__table__)
+            .where(ClaimOrder.__table__.c.order_id == bindparam("oid"),
+                   ClaimOrder.__table__.c.status == "pending")
+            .values(status="answered", hes_status=bindparam("hs"), verdict=bindparam("vd"),
+                    detail=bindparam("dt"), settled_at=at))
+    session.connection().execute(stmt, [{"oid": r["order_id"], "hs": r["hes_status"],
+                                         "vd": r["verdict"], "dt": r["detail"]} for r in rows])
+
+
+def set_key_states(session: Session, changes: Sequence[tuple[int, str, datetime | None]],
+                   at: datetime) -> None:
+    """Move key versions ``(id, state, expires_at)`` as ``set_key_state`` does, one UPDATE per
+    (state, expiry)."""
+    groups: dict[tuple[str, datetime | None], list[int]] = {}
+    for kv, state, expires_at in changes:
+        groups.setdefault((state, expires_at), []).append(kv)
+    for (state, expires_at), ids in groups.items():
+        values: dict[str, Any] = {"state": state}
+        if state == KeyState.ACTIVE:
+            values.update(activated_at=at, expires_at=expires_at)
+        if state == KeyState.DESTROYED:
+            values.update(blob=b"", mac=None, destroyed_at=at)
+        for part in _id_slices(ids):
+            session.execute(update(KeyVersion).where(KeyVersion.id.in_(part)).values(**values))
+
+
+def set_key_state(session: Session, key_version_id: int, state: str, at: datetime,
+                  expires_at: datetime | None = None) -> None:
+    """Move a key version to a state; ``active`` starts its cryptoperiod (until
+    ``expires_at``), ``destroyed`` removes its blob and MAC."""
+    values: dict[str, Any] = {"state": state}
+    if state == KeyState.ACTIVE:
+        values.update(activated_at=at, expires_at=expires_at)
+    if state == KeyState.DESTROYED:
+        values.update(blob=b"", mac=None, destroyed_at=at)
+    session.execute(update(KeyVersion).where(KeyVersion.id == key_version_id).values(**values))
+
+
+def set_meter_state(session: Session, meter_ids: Sequence[int], state: str, at: datetime,
+                    *, access_ended: bool = False) -> None:
+    """Move meters to a state (``access_ended``: the manufacturer's access ends now)."""
+    values: dict[str, Any] = {"state": state, "updated_at": at}
+    if access_ended:
+        values["manufacturer_access_ended_at"] = at
+    for part in _id_slices(meter_ids):
+        session.execute(update(Meter).where(Meter.id.in_(part)).values(**values))
+
+
+def count_by_state(session: Session, meter_ids: Sequence[int]) -> dict[str, int]:
+    """Return how many of the meters are in each state."""
+    out: dict[str, int] = {}
+    for part in _id_slices(meter_ids):
+        for state, n in session.execute(select(Meter.state, func.count()).where(
+                Meter.id.in_(part)).group_by(Meter.state)):
+            out[str(state)] = out.get(str(state), 0) + int(n)
+    return out
+
+
+def _id_slices(ids: Sequence[int], size: int = 900) -> list[list[int]]:
+    values = [int(i) for i in ids]
+    return [values[i:i + size] for i in range(0, len(values), size)]
+
+
+def add_certificate_orders(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert certificate orders."""
+    bulk_insert(session.connection(), CertificateOrder.__table__, rows)
+
+
+def certificate_orders_of(session: Session,
+                          meter_ids: Sequence[int]) -> dict[int, list[CertificateOrder]]:
+    """Return each meter's certificate orders, oldest first."""
+    out: dict[int, list[CertificateOrder]] = {}
+    for part in _id_slices(meter_ids):
+        stmt = select(CertificateOrder).where(CertificateOrder.meter_id.in_(part)).order_by(
+            CertificateOrder.created_at, CertificateOrder.order_id)
+        for order in session.execute(stmt).scalars():
+            out.setdefault(order.meter_id, []).append(order)
+    return out
+
+
+def deliver_certificate_orders(session: Session, order_ids: Sequence[str], at: datetime) -> None:
+    """Mark certificate orders delivered (the HES took them)."""
+    for part in slices(list(order_ids)):
+        session.execute(update(CertificateOrder).where(
+            CertificateOrder.order_id.in_(part)).values(status="delivered", delivered_at=at))

@@ -1,0 +1,145 @@
+"""Manufacturer trust, pure: a meter's factory certificate against its vendor's factory CAs.
+
+A suite 1 or 2 meter arrives with a factory certificate made by its manufacturer's factory CA.
+Before the DSO takes the meter over (the claim), the certificate must show, at ``now``:
+
+1. chain: issued and signed by one of the vendor's registered factory CA certificates, itself a
+   CA (basicConstraints cA, keyUsage keyCertSign) valid at ``now`` (RFC 5280 §6.1.3);
+2. validity: ``now`` within notBefore..notAfter (RFC 5280 §4.1.2.5);
+3. key usage: an end entity (no cA) whose keyUsage allows digitalSignature or keyAgreement, the
+   DLMS uses of a server key (DLMS Green Book §9.2.6);
+4. subject: it names the meter's system title, in the CN as the Green Book profile puts it, or
+   in the serialNumber attribute as some manufacturers (and the simulator) do;
+5. key: an EC key on the suite's curve (P-256 for suite 1, P-384 for suite 2).
+
+Each failure raises ``FactoryTrustError`` naming the meter and the rule, never a bool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from lifecycle.errors import FactoryTrustError, PkiError
+from lifecycle.pki.issuing import curve_of
+from lifecycle.policy import SUITES
+
+FACTORY_CA_CURVES = ("P-256", "P-384")
+
+
+def _load(der: bytes, meter: str) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise FactoryTrustError(meter, "not a DER X.509 certificate") from None
+
+
+def _extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.ExtensionType | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    constraints = _extension(cert, x509.BasicConstraints)
+    usage = _extension(cert, x509.KeyUsage)
+    return (isinstance(constraints, x509.BasicConstraints) and constraints.ca
+            and isinstance(usage, x509.KeyUsage) and usage.key_cert_sign)
+
+
+def _valid_at(cert: x509.Certificate, now: datetime) -> bool:
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+def check_factory_ca(der: bytes, now: datetime) -> x509.Certificate:
+    """Return a factory CA certificate fit to register: a CA, EC P-256/P-384, valid at ``now``.
+
+    Raises:
+        PkiError: naming what is wrong with it.
+    """
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise PkiError("factory CA certificate", "not a DER X.509 certificate") from None
+    what = f"factory CA {cert.subject.rfc4514_string()}"
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or \
+            curve_of(public) not in FACTORY_CA_CURVES:
+        raise PkiError(what, "its key is not an EC key on P-256 or P-384")
+    if not _is_ca(cert):
+        raise PkiError(what, "not a CA certificate (basicConstraints cA and keyCertSign)")
+    if not _valid_at(cert, now):
+        raise PkiError(what, f"not valid at {now.isoformat()} (valid "
+                             f"{cert.not_valid_before_utc:%Y-%m-%d} to "
+                             f"{cert.not_valid_after_utc:%Y-%m-%d})")
+    return cert
+
+
+def _issuer(cert: x509.Certificate, cas: Sequence[x509.Certificate], meter: str,
+            now: datetime) -> x509.Certificate:
+    named = [ca for ca in cas if ca.subject == cert.issuer]
+    for ca in named:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (InvalidSignature, ValueError, TypeError):
+            continue
+        if not _is_ca(ca):
+            raise FactoryTrustError(meter, f"issuer {ca.subject.rfc4514_string()} is not a CA")
+        if not _valid_at(ca, now):
+            raise FactoryTrustError(meter, f"factory CA {ca.subject.rfc4514_string()} is not "
+                                           f"valid at {now.isoformat()}")
+        return ca
+    why = "its signature does not verify under any of them" if named else \
+        f"issuer {cert.issuer.rfc4514_string()} is none of them"
+    raise FactoryTrustError(meter, f"not signed by a registered factory CA of the vendor: {why}")
+
+
+def _names_title(cert: x509.Certificate, system_title: str) -> bool:
+    wanted = system_title.upper()
+    values = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    values += [a.value for a in cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)]
+    return any(isinstance(v, str) and v.upper() == wanted for v in values)
+
+
+def verify_factory_certificate(meter: str, system_title: str, suite: int, der: bytes,
+                               factory_cas: Sequence[bytes], now: datetime) -> x509.Certificate:
+    """Verify a meter's factory certificate (rules 1-5 above); return it parsed.
+
+    ``factory_cas`` are the vendor's registered factory CA certificates (DER).
+
+    Raises:
+        FactoryTrustError: naming the meter and the first rule the certificate breaks.
+    """
+    curve = SUITES[suite].curve if suite in SUITES else None
+    if curve is None:
+        raise FactoryTrustError(meter, f"suite {suite} meters carry no factory certificate")
+    cert = _load(der, meter)
+    _issuer(cert, [x509.load_der_x509_certificate(ca) for ca in factory_cas], meter, now)
+    if not _valid_at(cert, now):
+        state = "expired" if now > cert.not_valid_after_utc else "not yet valid"
+        raise FactoryTrustError(meter, f"{state} at {now.isoformat()} (valid "
+                                       f"{cert.not_valid_before_utc:%Y-%m-%d} to "
+                                       f"{cert.not_valid_after_utc:%Y-%m-%d})")
+    usage = _extension(cert, x509.KeyUsage)
+    if _is_ca(cert) or not isinstance(usage, x509.KeyUsage) or \
+            not (usage.digital_signature or usage.key_agreement):
+        raise FactoryTrustError(meter, "key usage allows neither digitalSignature nor "
+                                       "keyAgreement of an end entity")
+    if not _names_title(cert, system_title):
+        raise FactoryTrustError(meter, f"subject {cert.subject.rfc4514_string()} does not name "
+                                       f"system title {system_title}")
+    public = cert.public_key()
+    found = curve_of(public) if isinstance(public, ec.EllipticCurvePublicKey) else \
+        type(public).__name__
+    if found != curve:
+        raise FactoryTrustError(meter, f"key on {found}; suite {suite} needs {curve}")
+    return cert
+
+
+__all__ = ["FACTORY_CA_CURVES", "check_factory_ca", "verify_factory_certificate"]

@@ -1,0 +1,195 @@
+"""A simulated Head End System: the ``Hes`` port over simulated meters, with durable state.
+
+Meters come from the simulated manufacturers' meter-secrets files (plaintext keys: simulator
+only) and live in a registry (serial -> ``SimulatedMeter``, each with its mode). Their state and
+the outcomes not yet collected are kept in one JSON file under the simulation home, written
+atomically after each call that changes them, so a run killed at any point and started again
+finds the meters as the last completed call left them (what a real fleet would show: a call cut
+short never reached the meters).
+
+The time spent inside the meters (unwrapping, installing, ciphering proofs) and on the state
+file is counted apart (``meter_seconds``, ``state_seconds``), so a benchmark can leave the
+simulation's own work out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lifecycle.clock import utcnow
+from lifecycle.hes.files import write_atomically
+from lifecycle.hes.port import (
+    CertificateOrder,
+    CertificateRequests,
+    KeyOrder,
+    MeterRef,
+    Outcome,
+    outcome_line,
+    parse_outcome,
+)
+from simulator.manufacturer import read_meter_secrets
+from simulator.meter import SimulatedMeter, check_mode
+
+STATE_FILE = "hes-meters.json"
+STATE_VERSION = 1
+
+
+class SimulatedHes:
+    """The ``lifecycle.hes.port.Hes`` protocol over simulated meters."""
+
+    def __init__(self, state_path: Path, meters: dict[str, SimulatedMeter],
+                 pending: list[Outcome] | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.state_path = state_path
+        self.meters = meters
+        self._pending = pending or []
+        self._clock = clock
+        self.meter_seconds = 0.0
+        self.state_seconds = 0.0
+
+    @classmethod
+    def open(cls, home: Path, secrets_files: Iterable[Path] = (),
+             modes: Mapping[str, str] | None = None, engine: str = "gurux",
+             clock: Callable[[], datetime] = utcnow) -> SimulatedHes:
+        """Load the HES from ``home``, adding the meters of ``secrets_files`` it does not know.
+
+        A meter already known keeps its state (keys, counter); ``modes`` sets the mode of the
+        serials it names (others keep theirs, new ones are ``ok``).
+
+        Raises:
+            ValueError: an unknown mode, or a state file of another version.
+        """
+        hes = cls.load(home, clock) if (home / STATE_FILE).exists() else \
+            cls(home / STATE_FILE, {}, clock=clock)
+        for path in secrets_files:
+            for record in read_meter_secrets(path):
+                if str(record["serial"]) not in hes.meters:
+                    meter = SimulatedMeter.from_secrets(record)
+                    meter.engine = engine
+                    hes.meters[meter.serial] = meter
+        for serial, mode in (modes or {}).items():
+            hes.meters[serial].mode = check_mode(mode)
+        hes.save()
+        return hes
+
+    @classmethod
+    def load(cls, home: Path, clock: Callable[[], datetime] = utcnow) -> SimulatedHes:
+        """Load the HES's state file from ``home``.
+
+        Raises:
+            ValueError: the file is of another version.
+            OSError: the file cannot be read.
+        """
+        path = home / STATE_FILE
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("version") != STATE_VERSION:
+            raise ValueError(f"{path}: state version {doc.get('version')!r}, "
+                             f"expected {STATE_VERSION}")
+        meters = {m["serial"]: SimulatedMeter.from_state(m) for m in doc["meters"]}
+        pending = [parse_outcome(line, f"{path} outcome {i}")
+                   for i, line in enumerate(doc["outcomes"], start=1)]
+        return cls(path, meters, pending, clock)
+
+    def save(self) -> None:
+        """Write the meters and uncollected outcomes, atomically (mode 0600)."""
+        started = time.perf_counter()
+        doc: dict[str, Any] = {"version": STATE_VERSION,
+                               "meters": [m.to_state() for m in self.meters.values()],
+                               "outcomes": [outcome_line(o) for o in self._pending]}
+        write_atomically(self.state_path, json.dumps(doc))
+        self.state_seconds += time.perf_counter() - started
+
+    def set_mode(self, serial: str, mode: str) -> None:
+        """Change a meter's mode and save.
+
+        Raises:
+            KeyError: unknown serial.
+            ValueError: unknown mode.
+        """
+        self.meters[serial].mode = check_mode(mode)
+        self.save()
+
+    # --- the Hes protocol ----------------------------------------------------------------------
+    def submit(self, orders: Sequence[KeyOrder]) -> None:
+        """Run each order on its meter at once; the outcomes wait for ``outcomes()``.
+
+        An order for an unknown meter, or for a known serial with another system title, is
+        ``failed``; a meter that does not answer gives ``timeout``.
+        """
+        for order in orders:
+            self._pending.append(self._run(order))
+        self.save()
+
+    def _run(self, order: KeyOrder) -> Outcome:
+        meter = self.meters.get(order.meter_serial)
+        if meter is None:
+            return self._outcome(order, "failed", None)
+        started = time.perf_counter()
+        answer = meter.handle_order(bytes.fromhex(order.system_title), order.key_data,
+                                    order.challenge)
+        self.meter_seconds += time.perf_counter() - started
+        if answer is None:
+            return self._outcome(order, "timeout", None)
+        return self._outcome(order, answer.status, answer.proof)
+
+    def _outcome(self, order: KeyOrder, status: str, proof: bytes | None) -> Outcome:
+        return Outcome(order.order_id, order.meter_serial, status,  # type: ignore[arg-type]
+                       proof, self._clock())
+
+    def outcomes(self) -> list[Outcome]:
+        """Return and forget the outcomes reported since the last call."""
+        out, self._pending = self._pending, []
+        self.save()
+        return out
+
+    def prove(self, serial: str, system_title: str, challenge: bytes) -> bytes | None:
+        """Have a meter answer a challenge under the GUEK it holds now; ``None`` for an unknown
+        meter or another system title."""
+        meter = self.meters.get(serial)
+        if meter is None or meter.system_title != bytes.fromhex(system_title):
+            return None
+        started = time.perf_counter()
+        proof = meter.prove(challenge)
+        self.meter_seconds += time.perf_counter() - started
+        self.save()
+        return proof
+
+    def certificate_requests(self, meters: Sequence[MeterRef]) -> CertificateRequests:
+        """Have each known suite 1/2 meter make its two requests (signature, key agreement);
+        an unknown meter, another system title or a silent meter gives none."""
+        out: CertificateRequests = {}
+        started = time.perf_counter()
+        for ref in meters:
+            meter = self.meters.get(ref.serial)
+            if meter is None or meter.mode == "silent" or \
+                    meter.system_title != bytes.fromhex(ref.system_title):
+                continue
+            try:
+                out[ref.serial] = (meter.certificate_request("signature"),
+                                   meter.certificate_request("key_agreement"))
+            except ValueError:
+                continue
+        self.meter_seconds += time.perf_counter() - started
+        self.save()
+        return out
+
+    def import_certificates(self, orders: Sequence[CertificateOrder]) -> None:
+        """Put each order's two certificates on its meter (a meter refuses a certificate for a
+        key it does not hold: it keeps what it had)."""
+        started = time.perf_counter()
+        for order in orders:
+            meter = self.meters.get(order.meter_serial)
+            if meter is None:
+                continue
+            for der in (order.signature_certificate, order.key_agreement_certificate):
+                try:
+                    meter.import_certificate(der)
+                except ValueError:
+                    continue
+        self.meter_seconds += time.perf_counter() - started
+        self.save()

@@ -1,0 +1,64 @@
+"""Vendors' factory CAs registered under dual control, and a batch's factory certificates
+verified against them."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from lifecycle import principals
+from lifecycle.clock import utcnow
+from lifecycle.errors import AccessDenied, FactoryTrustError, InventoryError, PkiError
+from lifecycle.pki import steps, trust
+from tests.identities import ROOT
+
+from .conftest import officers_authorize
+
+
+def test_factory_cas_are_registered_by_two_officers_and_verify_a_batch(  # type: ignore[no-untyped-def]
+        fleet, tmp_path: Path) -> None:
+    maker = fleet.makers["acme"]
+    pem = maker.factory_ca_pem(1)
+    params = {"name": "acme", "certificate_pem": pem}
+    with pytest.raises(AccessDenied):
+        principals.authorize(fleet.engine, fleet.settings,
+                             [fleet.ids.sign(ROOT, "vendor.add-ca", params)], "vendor.add-ca",
+                             params, at=utcnow())
+    actor = officers_authorize(fleet, "vendor.add-ca", params)
+    assert "factory CA suite 1" in steps.add_vendor_ca(fleet.engine, actor, "acme", pem,
+                                                       utcnow())
+    with pytest.raises(InventoryError, match="registered already"):
+        steps.add_vendor_ca(fleet.engine, actor, "borealis", pem, utcnow())
+    with pytest.raises(PkiError, match="PEM"):
+        steps.add_vendor_ca(fleet.engine, actor, "acme", "not a certificate", utcnow())
+    steps.add_vendor_ca(fleet.engine, actor, "acme", maker.factory_ca_pem(2), utcnow())
+
+    files = fleet.batch("acme", tmp_path, 6, suites=(1, 2))
+    anchors = steps.factory_cas(fleet.engine, "acme")
+    assert len(anchors) == 2 and steps.factory_cas(fleet.engine, "borealis") == []
+    rows = _rows(files.secrets)
+    certs = _certificates(files.data)
+    for row in rows:
+        trust.verify_factory_certificate(row["serial"], row["system_title"], row["suite"],
+                                         certs[row["serial"]], anchors, utcnow())
+    row = rows[0]
+    with pytest.raises(FactoryTrustError, match=row["serial"]):
+        trust.verify_factory_certificate(row["serial"], row["system_title"], row["suite"],
+                                         certs[row["serial"]],
+                                         steps.factory_cas(fleet.engine, "borealis"), utcnow())
+
+
+def _rows(secrets: Path) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(line) for line in secrets.read_text(encoding="utf-8").splitlines()]
+
+
+def _certificates(data: Path) -> dict[str, bytes]:
+    """The factory certificates of acme's file (simulator/mappings/acme.toml: a semicolon CSV,
+    the certificate as base64 DER in FactoryCert)."""
+    with data.open(encoding="utf-8", newline="") as fh:
+        return {row["MeterNo"]: base64.b64decode(row["FactoryCert"])
+                for row in csv.DictReader(fh, delimiter=";")}
