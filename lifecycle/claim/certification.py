@@ -35,8 +35,9 @@ from lifecycle.errors import ClaimError, PkiError
 from lifecycle.hes.port import CertificateOrder, Hes, MeterRef
 from lifecycle.hsm.pool import HsmWorkers
 from lifecycle.inventory import certificates, claims
+from lifecycle.inventory.claims import MeterRow
 from lifecycle.inventory.db import Engine, transaction
-from lifecycle.inventory.meters import Meter, MeterState
+from lifecycle.inventory.meters import MeterState
 from lifecycle.pki import profiles
 from lifecycle.pki import steps as pki
 from lifecycle.pki.issuing import DeviceRequest, Issued, IssueJob, Issuer, issue_job
@@ -58,7 +59,7 @@ def select_uncertified(engine: Engine, selection: Selection) -> list[int]:
         ids = claims.select_meter_ids(session, batch_id=selection.batch_id,
                                       vendor=selection.vendor, serials=selection.serials,
                                       states=(MeterState.OPERATIONAL,))
-        found = claims.meters_by_id(session, ids)
+        found = claims.meter_rows(session, ids)
         orders = claims.certificate_orders_of(session, ids)
     return [int(m.id or 0) for m in found if m.suite in CERTIFIED_SUITES
             and not any(o.status == DELIVERED for o in orders.get(int(m.id or 0), []))]
@@ -73,7 +74,7 @@ def certify(workers: HsmWorkers, hes: Hes, engine: Engine, settings: Settings, a
     """
     report = Report()
     with transaction(engine) as session:
-        found = [m for m in claims.meters_by_id(session, meter_ids)
+        found = [m for m in claims.meter_rows(session, meter_ids)
                  if m.state == MeterState.OPERATIONAL and m.suite in CERTIFIED_SUITES]
         orders = claims.certificate_orders_of(session, [int(m.id or 0) for m in found])
         again = [_order_again(session, m, o) for m in found
@@ -87,7 +88,7 @@ def certify(workers: HsmWorkers, hes: Hes, engine: Engine, settings: Settings, a
     return report
 
 
-def _order_again(session: Any, meter: Meter, order: Any) -> CertificateOrder:
+def _order_again(session: Any, meter: MeterRow, order: Any) -> CertificateOrder:
     pair = [certificates.get_issued(session, s) for s in (order.signature_serial,
                                                           order.key_agreement_serial)]
     if pair[0] is None or pair[1] is None:
@@ -97,7 +98,7 @@ def _order_again(session: Any, meter: Meter, order: Any) -> CertificateOrder:
                             bytes(pair[0].der), bytes(pair[1].der), order.created_at)
 
 
-def _checked_requests(hes: Hes, meters: Sequence[Meter], report: Report,
+def _checked_requests(hes: Hes, meters: Sequence[MeterRow], report: Report,
                       events: list[dict[str, Any]]) -> dict[str, list[DeviceRequest]]:
     """Ask the HES for the meters' requests and check them: device CA name -> requests."""
     answers = hes.certificate_requests(
@@ -145,7 +146,7 @@ def _issue(workers: HsmWorkers, settings: Settings, engine: Engine,
     return [(who, workers.result(future)) for who, future in jobs]
 
 
-def _record(engine: Engine, settings: Settings, actor: Actor, meters: Sequence[Meter],
+def _record(engine: Engine, settings: Settings, actor: Actor, meters: Sequence[MeterRow],
             issued: Sequence[tuple[Issuer, list[Issued]]], events: list[dict[str, Any]],
             now: datetime) -> list[CertificateOrder]:
     by_meter: dict[str, dict[str, tuple[Issuer, Issued]]] = {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, cast
 
 from sqlalchemy import BigInteger, Column, LargeBinary, Text, bindparam, func, select, update
 from sqlmodel import Field, Session, SQLModel
@@ -78,6 +78,68 @@ def select_meter_ids(session: Session, *, batch_id: int | None = None,
     for part in slices(list(serials)):
         found += [int(i) for (i,) in session.execute(stmt.where(Meter.serial.in_(part)))]
     return found
+
+
+class MeterRow(Protocol):
+    """The columns of a meter that the claim reads: a row, not an ORM object (a chunk is
+    thousands of meters, and building ORM objects was most of its load time)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def serial(self) -> str: ...
+    @property
+    def system_title(self) -> str: ...
+    @property
+    def suite(self) -> int: ...
+    @property
+    def vendor_id(self) -> int: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def factory_certificate(self) -> str | None: ...
+
+
+class KeyRow(Protocol):
+    """The columns of a key version that the claim reads (a row, as ``MeterRow``)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def meter_id(self) -> int: ...
+    @property
+    def key_id(self) -> int: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def blob(self) -> bytes: ...
+    @property
+    def mac(self) -> bytes | None: ...
+
+
+def meter_rows(session: Session, ids: Sequence[int]) -> list[MeterRow]:
+    """Return the claim's columns of meters by id, ordered by serial."""
+    t = Meter.__table__.c
+    stmt = select(t.id, t.serial, t.system_title, t.suite, t.vendor_id, t.state,
+                  t.factory_certificate)
+    out: list[Any] = []
+    for part in _id_slices(ids):
+        out += session.execute(stmt.where(t.id.in_(part))).all()
+    return cast(list[MeterRow], sorted(out, key=lambda m: m.serial))
+
+
+def key_rows_of(session: Session, meter_ids: Sequence[int]) -> dict[int, list[KeyRow]]:
+    """Return the claim's columns of each meter's key versions, by key id then version."""
+    t = KeyVersion.__table__.c
+    stmt = select(t.id, t.meter_id, t.key_id, t.version, t.state, t.blob, t.mac)
+    out: dict[int, list[KeyRow]] = {int(i): [] for i in meter_ids}
+    for part in _id_slices(meter_ids):
+        for key in session.execute(stmt.where(t.meter_id.in_(part)).order_by(
+                t.meter_id, t.key_id, t.version)):
+            out[key.meter_id].append(cast(KeyRow, key))
+    return out
 
 
 def meters_by_id(session: Session, ids: Sequence[int]) -> list[Meter]:
