@@ -8,10 +8,10 @@ import typer
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
-from cli.common import console, err_console, reports_errors, sign
+from cli.common import console, flow_result, reports_errors, sign
 from deployments.serve import OWNERSHIP_CLAIM
 from flows.ownership_claim import ACTION, ownership_claim
-from lifecycle.errors import ConfigError, MeterkeysError
+from lifecycle.errors import ConfigError
 from lifecycle.identity import request
 from lifecycle.identity.signers import Signer
 
@@ -61,12 +61,4 @@ def run_claim(params: dict[str, Any], key: Signer | None = None) -> dict[str, An
     """
     signed = request.encode([sign(ACTION, params, key)])
     state = ownership_claim(**params, request=signed, return_state=True)
-    if state.is_completed():
-        return cast(dict[str, Any], state.result())
-    try:
-        state.result()
-    except MeterkeysError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - show the flow's own message, no traceback
-        err_console.print(f"[bold red]flow failed:[/] {exc}")
-    raise typer.Exit(1)
+    return flow_result(state)

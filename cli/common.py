@@ -93,6 +93,24 @@ def authorize(action: str, params: Mapping[str, Any] | None = None,
     return principals.authorize(engine(), settings(), [request], action, values, at=utcnow())
 
 
+def flow_result(state: Any) -> dict[str, Any]:
+    """Return a finished flow run's result; a project error is raised as itself, anything else
+    is shown as the flow's one-line message (no traceback) and exits 1.
+
+    Raises:
+        MeterkeysError: the flow failed with a project error.
+    """
+    if state.is_completed():
+        return dict(state.result())
+    try:
+        state.result()
+    except MeterkeysError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - show the flow's own message, no traceback
+        err_console.print(f"[bold red]flow failed:[/] {exc}")
+    raise typer.Exit(1)
+
+
 def fail(exc: MeterkeysError, code: int = 1) -> typer.Exit:
     """Print a project error (never a traceback) and return the exit to raise."""
     err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # one line, any width

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from cli.common import console, engine, err_console, reports_errors, sign
+from cli.common import console, engine, err_console, flow_result, reports_errors, sign
 from cli.submit import submit_import
 from flows.factory_import import factory_import
 from lifecycle.errors import MeterkeysError
@@ -70,16 +70,7 @@ def run_import(file: Path, vendor: str, mapping: Path | None,
     finally:
         stop.set()
         watcher.join()
-    if state.is_completed():
-        return state.result()  # type: ignore[no-any-return]
-    try:
-        state.result()
-    except MeterkeysError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - show the flow's own message, no traceback
-        err_console.print(f"[bold red]flow failed:[/] {exc}")
-        raise typer.Exit(1) from None
-    raise typer.Exit(1)
+    return flow_result(state)
 
 
 class _NoRunErrors(logging.Filter):

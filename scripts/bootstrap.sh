@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
+# The PKI tests check issued certificates and CRLs with the openssl command.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if ! command -v python3 >/dev/null; then
   need_apt+=(python3 python3-venv)
 elif [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then

@@ -116,8 +116,6 @@ def _lint(command: list[str], path: Path) -> list[str]:
             if f["severity"] in LINT_FAIL]
 
 
-@pytest.mark.skipif(not (BIN / "lint_pkix_cert").exists(), reason="pkilint is not installed "
-                    "(pip install -e '.[dev]')")
 def test_pkilint_finds_no_error_in_any_certificate_or_crl(pki: Pki, tmp_path: Path) -> None:
     fleet = pki.fleet
     issued = _issue(pki, "device-p256", ec.SECP256R1(), ["4D4B530000000011",
