@@ -241,8 +241,12 @@ class _Verifier:
             raise RequestError(f"principal {name!r}", "unknown principal", principal=name)
         record = rules.verify_enrolment(name, self._lookup, self.anchor, self.installation,
                                         self.cache)
+        # The row's flag alone is the database's word: a writer could clear it. The trail's
+        # last enrol/disable of the name counts too (``audit verify`` holds the trail to the
+        # witness).
+        disabled = record.disabled or _trail_state(self.session).get(name) is False
         return VerifiedPrincipal(record.name, record.role, str(record.fingerprint),
-                                 str(record.public_pem), record.disabled)
+                                 str(record.public_pem), disabled)
 
     def _lookup(self, name: str) -> rules.Record | None:
         row = table.get(self.session, name)
@@ -295,16 +299,22 @@ def verify_all(engine: Engine, settings: Settings) -> list[str]:
     return problems
 
 
-def _against_trail(session: Session, rows: Sequence[Principal]) -> list[str]:
-    """Compare each principal's row with what the audit trail says happened to it: a row the
-    trail never enrolled, or one enabled although the trail disabled it (a ``disabled`` flag
-    cleared by SQL), is a problem. The trail itself is checked against the witness by
-    ``audit verify``, so its word here is the witnessed one."""
+def _trail_state(session: Session) -> dict[str, bool]:
+    """Return, per principal name, whether the audit trail's last word on it enabled it."""
     state: dict[str, bool] = {}
     for action, detail in audit_events.details_of(session, (BOOTSTRAP, ENROL, DISABLE)):
         name = json.loads(detail).get("name")
         if isinstance(name, str):
             state[name] = action != DISABLE
+    return state
+
+
+def _against_trail(session: Session, rows: Sequence[Principal]) -> list[str]:
+    """Compare each principal's row with what the audit trail says happened to it: a row the
+    trail never enrolled, or one enabled although the trail disabled it (a ``disabled`` flag
+    cleared by SQL), is a problem. The trail itself is checked against the witness by
+    ``audit verify``, so its word here is the witnessed one."""
+    state = _trail_state(session)
     problems = []
     for row in rows:
         if row.public_pem is None:

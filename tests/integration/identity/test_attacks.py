@@ -197,6 +197,18 @@ def test_a_disabled_principal_is_refused(ids: Identities) -> None:
     assert [(p, o) for p, o, _ in _events(ids.engine, "principal.disable")] == [(ROOT, "ok")]
 
 
+def test_a_disabled_flag_cleared_by_sql_is_still_refused(ids: Identities) -> None:
+    principals.disable(ids.engine, ids.settings,
+                       [ids.sign(w, "principal.disable", {"name": AUDITOR}) for w in (ROOT,
+                                                                                      SECOND)],
+                       AUDITOR, at=utcnow())
+    with ids.engine.begin() as conn:  # the database writer re-enables the auditor
+        conn.execute(text("UPDATE principal SET disabled = :f, disabled_by = NULL "
+                          "WHERE name = :n"), {"f": False, "n": AUDITOR})
+    with pytest.raises(AccessDenied, match="the principal is disabled"):
+        ids.authorize([AUDITOR], "audit.read", {})
+
+
 # --- a network attacker: replay, other parameters, other installation, stale, future -------------
 def test_a_replayed_request_is_refused_and_audited(ids: Identities) -> None:
     params = {"file": "a.csv"}
