@@ -14,6 +14,7 @@ from lifecycle.clock import utcnow
 from lifecycle.errors import AuditError
 from lifecycle.installation import steps
 from lifecycle.inventory.db import transaction
+from lifecycle.pki import steps as pki_steps
 
 app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit trail.")
 
@@ -29,8 +30,8 @@ def verify(
              "key pinned by hsm init"),
 ) -> None:
     """Verify every event, the head and every signed checkpoint against the pinned audit key
-    and the witness, and every principal against the anchor and the trail (exit 2 when
-    broken)."""
+    and the witness, every principal against the anchor and the trail, and every factory CA
+    row against its registration in the trail (exit 2 when broken)."""
     actor = authorize("audit.verify")
     pem = public_key.read_text(encoding="ascii") if public_key is not None else None
     try:
@@ -40,9 +41,10 @@ def verify(
                                 utcnow())
         raise fail(exc, EXIT_BROKEN) from None
     problems = principals.verify_all(engine(), settings())
+    problems += pki_steps.verify_vendor_cas(engine())
     if problems:
         steps.note_verification(engine(), actor, "failed", {"events": count,
-                                                             "principals": problems[:20]},
+                                                             "problems": problems[:20]},
                                 utcnow())
         for problem in problems:
             err_console.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
@@ -50,7 +52,8 @@ def verify(
     steps.note_verification(engine(), actor, "ok", {"events": count}, utcnow())
     console.print(f"audit trail intact: {count} events verified against the pinned audit key "
                   f"and the witness in {settings().witness_path}; every principal's enrolment "
-                  "verifies back to the trust anchor and agrees with the trail")
+                  "verifies back to the trust anchor and agrees with the trail, and so does "
+                  "every registered factory CA")
 
 
 @app.command("list")

@@ -130,9 +130,12 @@ def _restore(p: Mapping[str, Any], actor: Actor) -> str:
 
 
 def _ceremony(p: Mapping[str, Any], actor: Actor) -> str:
-    report = ceremony.ceremony(settings(), engine(), actor, renew=list(p["renew"]), now=utcnow())
+    report = ceremony.ceremony(settings(), engine(), actor, renew=list(p["renew"]),
+                               revoke=list(p.get("revoke", [])),
+                               reason=str(p.get("reason", "key-compromise")), now=utcnow())
     made = ", ".join(f"{name} (generation {gen})" for name, gen in report.made.items())
     return (f"ceremony done: {made or 'no CA was due'}; root CRL {report.crl_number} issued"
+            + (f"; revoked {', '.join(report.revoked)}" if report.revoked else "")
             + ("; root token created" if report.root_token_created else ""))
 
 

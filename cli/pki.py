@@ -1,9 +1,9 @@
-"""meterkeys pki commands: the key ceremony, export, list, revoke, CRLs.
+"""meterkeys pki commands: the key ceremony, export, list, revoke, CRLs, check.
 
 ``ceremony`` is under dual control: the first security officer's command leaves a request,
 the second performs it with ``meterkeys approve R-...`` (``cli.dual``); it is the one command
 that opens the offline root's token and reads its PIN. Every other command here opens the main
-token only (``crl``) or none at all (``export``, ``list``).
+token only (``crl``) or none at all (``export``, ``list``, ``check``).
 """
 
 from __future__ import annotations
@@ -11,12 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from rich.table import Table
 
 from cli import dual
 from cli.common import authorize, console, engine, reports_errors, settings
 from lifecycle.clock import utcnow
-from lifecycle.pki import profiles, steps
+from lifecycle.errors import PkiError
+from lifecycle.pki import profiles, rules, steps
 
 app = typer.Typer(no_args_is_help=True, help="The DSO's PKI: ceremony, CA certificates, CRLs.")
 
@@ -24,14 +27,27 @@ app = typer.Typer(no_args_is_help=True, help="The DSO's PKI: ceremony, CA certif
 @app.command("ceremony")
 @reports_errors
 def ceremony(renew: list[str] = typer.Option([], "--renew", help="renew this online CA now "
-                                             "(new key and certificate); repeatable")) -> None:
-    """Create the root CA when absent and make or renew the online sub-CAs (dual control).
+                                             "(new key and certificate); repeatable"),
+             revoke: list[str] = typer.Option([], "--revoke", help="revoke a sub-CA generation "
+                                              "<ca>:<generation> on the root's CRL (renewed at "
+                                              "once if it is the newest); repeatable"),
+             reason: str = typer.Option("key-compromise", "--reason",
+                                        help=f"why, for --revoke: {', '.join(rules.CA_REASONS)}"),
+             ) -> None:
+    """Create the root CA when absent, revoke sub-CA generations, make or renew the online
+    sub-CAs (dual control).
 
-    Leaves a request that a second security officer performs with `meterkeys approve`.
+    Leaves a request that a second security officer performs with `meterkeys approve`. A
+    renewal never revokes the older generation: its certificates stay valid until they expire.
     """
     for name in renew:
         profiles.profile(name)
-    dual.request("pki.ceremony", {"renew": sorted(set(renew))})
+    params: dict[str, object] = {"renew": sorted(set(renew))}
+    if revoke:
+        pairs = rules.parse_ca_revocations(revoke, reason)
+        params.update(revoke=[f"{name}:{generation}" for name, generation in pairs],
+                      reason=reason)
+    dual.request("pki.ceremony", params)
 
 
 @app.command("export")
@@ -77,3 +93,25 @@ def crl(ca: str = typer.Argument(..., help="an online CA: " + ", ".join(profiles
     for made in steps.issue_crl(settings(), engine(), actor, ca, utcnow()):
         console.print(f"CRL {made.number} of {made.ca_name} generation {made.generation}: "
                       f"{made.revoked} revoked, next update {made.next_update:%Y-%m-%d %H:%M}")
+        if made.only_in_trail:
+            console.print(f"[red]{made.only_in_trail} revocation(s) of the audit trail were "
+                          "missing from the inventory: listed anyway (pki.crl.discrepancy)[/red]")
+
+
+@app.command("check")
+@reports_errors
+def check(certificate: Path = typer.Argument(..., help="a certificate (PEM or DER) found in "
+                                                       "the field")) -> None:
+    """Tell whether a certificate is one this PKI issued: issued, revoked, ca, forged (signed
+    by one of its CA keys but never issued here) or unknown; exit 1 unless issued or ca."""
+    data = certificate.read_bytes()
+    try:
+        der = (x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----")
+               else x509.load_der_x509_certificate(data)).public_bytes(
+            serialization.Encoding.DER)
+    except ValueError:
+        raise PkiError(f"file {certificate}", "not an X.509 certificate (PEM or DER)") from None
+    verdict = steps.check_certificate(engine(), der)
+    console.print(f"{verdict.state}: {verdict.why}")
+    if verdict.state not in ("issued", "ca"):
+        raise typer.Exit(1)

@@ -12,11 +12,14 @@ from typing import Any
 from flows.audit_checkpoint import audit_checkpoint
 from flows.factory_import import factory_import
 from flows.ownership_claim import ownership_claim
+from flows.pki_crl import publish_crls
 
 FACTORY_IMPORT = "factory-import"
 AUDIT_CHECKPOINT = "audit-checkpoint"
 OWNERSHIP_CLAIM = "ownership-claim"
 CHECKPOINT_EVERY_SECONDS = 3600
+PUBLISH_CRLS = "publish-crls"
+PUBLISH_CRLS_CRON = "17 3 * * *"  # daily; a CRL is due at half its validity (7 days)
 _APPROVE = ("A run started here waits for `meterkeys approve RUN_ID` by a principal allowed "
             "to {action} (leave `request` empty).")
 
@@ -50,6 +53,16 @@ def deployments() -> list[Any]:
                         + _APPROVE.format(action="checkpoint the trail"),
             tags=["meterkeys", "audit"],
             interval=CHECKPOINT_EVERY_SECONDS,
+            concurrency_limit=1,
+        ),
+        publish_crls.to_deployment(
+            name=PUBLISH_CRLS,
+            description="Issue the CRLs that are due (none yet, or past half their validity) "
+                        "and export the CA certificates and CRLs to the publishing folder, "
+                        "daily as the system principal. "
+                        + _APPROVE.format(action="issue CRLs"),
+            tags=["meterkeys", "pki"],
+            cron=PUBLISH_CRLS_CRON,
             concurrency_limit=1,
         ),
     ]

@@ -12,11 +12,13 @@ from typing import Any
 from flows import audit_checkpoint as _audit_checkpoint
 from flows import factory_import as _factory_import
 from flows import ownership_claim as _ownership_claim
+from flows import pki_crl as _pki_crl
 
 APPROVALS: dict[str, tuple[Any, str]] = {
     flow.name: (flow, action) for flow, action in (
         (_factory_import.factory_import, _factory_import.ACTION),
         (_audit_checkpoint.audit_checkpoint, _audit_checkpoint.ACTION),
         (_ownership_claim.ownership_claim, _ownership_claim.ACTION),
+        (_pki_crl.publish_crls, _pki_crl.ACTION),
     )
 }

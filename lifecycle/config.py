@@ -96,6 +96,9 @@ class Settings(BaseSettings):
                           description="the DSO's name: O= of every certificate it issues")
     pki_crl_base_url: str = Field(default="http://pki.invalid/crl/", description="where CRLs "
                                   "are published: each CA's is <base><CA name>-<generation>.crl")
+    pki_publish_dir: Path | None = Field(default=None, description="folder the scheduled "
+                                         "publish-crls run exports CA certificates and CRLs to "
+                                         "(default: <home>/pki-publish)")
     root_token_label: str = Field(default="meterkeys-root", description="token of the offline "
                                   "root CA key; only the PKI ceremony opens it")
     root_pin_file: Path | None = Field(default=None, description="user PIN of the root token "
@@ -120,6 +123,13 @@ class Settings(BaseSettings):
         if self.witness_dir is not None:
             return self.witness_dir.expanduser().resolve()
         return self.home_dir / "witness"
+
+    @property
+    def publish_path(self) -> Path:
+        """Return the PKI's publishing folder: configured, or ``<home>/pki-publish``."""
+        if self.pki_publish_dir is not None:
+            return self.pki_publish_dir.expanduser().resolve()
+        return self.home_dir / "pki-publish"
 
     @property
     def module_path(self) -> Path:

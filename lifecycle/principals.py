@@ -7,8 +7,8 @@ Roles:
                       signs audit checkpoints.
     auditor           reads: meters, the audit trail and the principals; verifies the trail and
                       the key blobs' bindings.
-    system            the scheduled audit run: signs checkpoints and verifies the trail, nothing
-                      else.
+    system            the scheduled runs: signs audit checkpoints, verifies the trail and
+                      publishes the online CAs' CRLs, nothing else.
 
 The security officer may perform every action, audit reading and verifying included. That is a
 decision, not an oversight: refusing them an operator's or auditor's action would be theatre
@@ -76,7 +76,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "vendor.import-key": _SO,
     "pki.ceremony": _SO,
     "pki.revoke": _SO,
-    "pki.crl": frozenset({SECURITY_OFFICER, OPERATOR}),
+    "pki.crl": frozenset({SECURITY_OFFICER, OPERATOR, SYSTEM}),
     "vendor.add-ca": _SO,
     ENROL: _SO,
     DISABLE: _SO,

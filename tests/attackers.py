@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pkcs11
+from pkcs11 import Attribute
 from pkcs11 import exceptions as px
 
 from lifecycle.config import Settings
@@ -25,3 +26,14 @@ def pin_holder_session(settings: Settings, **options: Any) -> Iterator[Any]:
         yield session
     finally:
         session.close()  # ends the attacker's session objects
+
+
+def allowed_mechanisms_mapper() -> Any:
+    """A python-pkcs11 attribute mapper that also knows CKA_ALLOWED_MECHANISMS (a CK_ULONG
+    array), so the attacker can repeat meterkeys' unwrap templates exactly."""
+    mapper = pkcs11.attributes.AttributeMapper()
+    mapper.register_handler(
+        Attribute.ALLOWED_MECHANISMS,
+        lambda mechs: b"".join(int(m).to_bytes(8, "little") for m in mechs),
+        lambda raw: [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)])
+    return mapper

@@ -158,14 +158,17 @@ def plan_keys(meter: MeterView) -> KeyPlan:
 
 
 def judge(kind: str | None, status: str | None, evidence: Evidence,
-          last_counter: int | None, counter: int | None) -> Verdict:
+          last_counter: int | None, counter: int | None, *, in_claim: bool = True) -> Verdict:
     """Decide what one outcome means.
 
     ``kind`` and ``status`` are the order's (None: no such order); ``evidence`` which GUEK the
     proof holds under; ``counter`` the proof's invocation counter and ``last_counter`` the last
-    one seen for that key version.
+    one seen for that key version; ``in_claim`` whether the meter is still in claim. An outcome
+    for a meter whose claim is settled (operational, or back to registered) changes nothing,
+    whatever its order's status says: the status is a database record, which a writer could
+    set back to pending to have an old answer judged again.
     """
-    if kind is None or status != OrderStatus.PENDING:
+    if kind is None or status != OrderStatus.PENDING or not in_claim:
         return Verdict.IGNORED
     if evidence != Evidence.NONE:
         try:

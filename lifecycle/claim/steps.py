@@ -46,12 +46,12 @@ from lifecycle.claim import rules
 from lifecycle.claim.rules import Evidence, MeterView, OrderKind, OrderStatus, Verdict
 from lifecycle.config import Settings
 from lifecycle.dlms.proof import new_challenge
-from lifecycle.errors import ClaimError, FactoryTrustError
+from lifecycle.errors import ClaimError, FactoryTrustError, PortError
 from lifecycle.hes.port import Hes, KeyOrder, Outcome
 from lifecycle.hsm import keyring
 from lifecycle.hsm.connection import Hsm
 from lifecycle.hsm.pool import HsmWorkers
-from lifecycle.inventory import claims, vendor_cas
+from lifecycle.inventory import claims
 from lifecycle.inventory.db import Engine, transaction
 from lifecycle.inventory.meters import KeyState, MeterState
 from lifecycle.meter_keys.transfer import (
@@ -65,6 +65,7 @@ from lifecycle.meter_keys.transfer import (
     run_proof_checks,
     run_transfer,
 )
+from lifecycle.pki import steps as pki_steps
 from lifecycle.pki import trust
 from lifecycle.policy import CRYPTOPERIODS, SUITES, KeyId
 
@@ -198,15 +199,15 @@ def prepare_chunk(workers: HsmWorkers, engine: Engine, settings: Settings, actor
     return orders, report
 
 
-def _factory_cas(engine: Engine, items: Sequence[_Meter]) -> dict[int, list[bytes]]:
-    """The registered factory CA certificates (DER) of the vendors of the suite 1/2 meters."""
+def _factory_cas(engine: Engine, items: Sequence[_Meter]) -> dict[int, trust.Anchors]:
+    """The factory CAs of the vendors of the suite 1/2 meters that the audit trail attests
+    (a row planted by SQL is refused: ``pki.steps.factory_anchors``)."""
     vendor_ids = sorted({m.meter.vendor_id for m in items
                          if SUITES[m.meter.suite].needs_certificate})
-    with transaction(engine) as session:
-        return {v: [bytes(r.der) for r in vendor_cas.vendor_cas(session, v)] for v in vendor_ids}
+    return pki_steps.factory_anchors(engine, vendor_ids)
 
 
-def _untrusted(item: _Meter, anchors: dict[int, list[bytes]], now: datetime) -> str | None:
+def _untrusted(item: _Meter, anchors: dict[int, trust.Anchors], now: datetime) -> str | None:
     """Why a suite 1/2 meter's factory credentials do not verify (None: they do, or suite 0).
 
     The factory certificate must chain to one of the vendor's registered factory CAs
@@ -216,14 +217,13 @@ def _untrusted(item: _Meter, anchors: dict[int, list[bytes]], now: datetime) -> 
     meter = item.meter
     if not SUITES[meter.suite].needs_certificate:
         return None
-    cas = anchors.get(meter.vendor_id, [])
-    if not cas:
+    cas = anchors.get(meter.vendor_id, trust.Anchors())
+    if not cas.trusted and not cas.refused:
         return "factory certificate refused: its vendor has no registered factory CA " \
                "(meterkeys vendor add-ca)"
     try:
         der = base64.b64decode(meter.factory_certificate or "", validate=True)
-        trust.verify_factory_certificate(meter.serial, meter.system_title, meter.suite, der,
-                                         cas, now)
+        cas.verify(meter.serial, meter.system_title, meter.suite, der, now)
     except binascii.Error:
         return "factory certificate refused: not base64"
     except FactoryTrustError as exc:
@@ -530,9 +530,11 @@ def _judge(work: _Pass, order: Any, item: _Meter | None, outcome: Outcome,
                        outcome.order_id, outcome.status)
     last = _last_counter(work.counters, item, evidence)
     status = OrderStatus.ANSWERED if order.order_id in work.answered else order.status
-    verdict = rules.judge(order.kind, status, evidence, last, counter)
+    in_claim = item.meter.state == MeterState.CLAIMED
+    verdict = rules.judge(order.kind, status, evidence, last, counter, in_claim=in_claim)
     if verdict == Verdict.IGNORED:
-        reason = f"order already {status}"
+        reason = f"order already {status}" if in_claim else \
+            f"meter is {item.meter.state}: its claim is settled"
     elif verdict == Verdict.REPLAYED:
         reason = f"invocation counter {counter} is not above {last}"
     return _Judged(serial, verdict, evidence, counter, reason, outcome.order_id, outcome.status)
@@ -720,3 +722,14 @@ def export_orders(engine: Engine, actor: Actor, now: datetime) -> list[KeyOrder]
         trail.record(session, actor, "claim.export", "ok",
                      detail={"orders": len(orders), "meters": len(by_id)}, at=now)
     return orders
+
+
+def record_rejected(engine: Engine, actor: Actor, name: str, rejected: Sequence[PortError],
+                    now: datetime) -> None:
+    """Audit the lines of a HES file that were refused: where each is, never its content (a
+    line may carry anything)."""
+    if not rejected:
+        return
+    with transaction(engine) as session:
+        trail.record(session, actor, "claim.confirm", "rejected", at=now, detail={
+            "file": name, "lines": len(rejected), "where": [e.where for e in rejected[:50]]})

@@ -3,6 +3,13 @@
 Backup and restore hold the token lock exclusively (``lifecycle.hsm.token_lock``), so they never
 copy or replace a token that a process may be writing. Backups never contain PIN files.
 
+A backup holds the main token (``token_label``) only. The token folder of the embedded default
+also holds the offline root CA's token (``root_token_label``, made by the PKI ceremony) and may
+hold others: they are left out, since the offline root must not travel with the online
+backups (its ceremony operators keep its own offline copy), and a restore carries them over
+untouched. A token's folder is recognised by the label SoftHSM2 keeps in its ``token.object``
+(``token_label_of``).
+
 Why a signature: SoftHSM2 stores the boolean attributes of private objects unencrypted in the
 token's object files (``SENSITIVE``, ``EXTRACTABLE``...), so anyone who can write a backup can
 make its KEK extractable and re-hash a plain checksum manifest. A backup's manifest is therefore
@@ -64,6 +71,12 @@ SIGNATURE_ALG = "ECDSA-P256-SHA256"
 CONF_NAME = "softhsm2.conf"
 TOKENS_NAME = "tokens"
 CHECK_TIMEOUT_SECONDS = 120.0
+# SoftHSM2's token.object stores the token label as attribute CKA_OS_TOKENLABEL (0x80005349,
+# SoftHSM2 OSAttributes.h), kind 3 (byte string), 32 octets padded with spaces: 8 octets each,
+# big-endian, as every attribute of its object files.
+_TOKEN_LABEL_ENTRY = ((0x80005349).to_bytes(8, "big") + (3).to_bytes(8, "big")
+                      + (32).to_bytes(8, "big"))
+TOKEN_OBJECT = "token.object"  # noqa: S105 - a file name, not a secret
 _LABEL_FIELDS = ("token_label", "storage_kek_label", "master_kek_label", "blob_mac_label",
                  "audit_key_label")
 
@@ -226,14 +239,44 @@ def _stamp(now: datetime | None) -> str:
     return (now or utcnow()).astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
+def token_label_of(folder: Path) -> str | None:
+    """Return the label of the SoftHSM2 token in ``folder`` (None: no ``token.object``).
+
+    Raises:
+        BackupError: a ``token.object`` whose label cannot be read.
+    """
+    path = folder / TOKEN_OBJECT
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    at = data.find(_TOKEN_LABEL_ENTRY)
+    if at < 0 or len(data) < at + len(_TOKEN_LABEL_ENTRY) + 32:
+        raise BackupError(path, "no token label in it: not a SoftHSM2 token this backup knows")
+    start = at + len(_TOKEN_LABEL_ENTRY)
+    return data[start:start + 32].decode("utf-8", "replace").rstrip(" ")
+
+
+def other_tokens(token_dir: Path, label: str) -> list[Path]:
+    """Return the token folders in ``token_dir`` that are not the token ``label``'s.
+
+    Raises:
+        BackupError: a token whose label cannot be read.
+    """
+    return [folder for folder in sorted(token_dir.iterdir()) if folder.is_dir()
+            and not folder.is_symlink() and token_label_of(folder) not in (None, label)]
+
+
 def _copy_tree(src: Path, dst: Path, settings: Settings) -> dict[str, str]:
-    """Copy a token directory; return {relative path: sha256} of what was copied."""
+    """Copy the main token of a token directory; return {relative path: sha256} of what was
+    copied (other tokens, the root's among them, are left out)."""
     secrets = settings.secrets_dir.resolve()
+    others = other_tokens(src, settings.token_label)
     files: dict[str, str] = {}
     dst.mkdir(mode=0o700)
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
-        if path.name == LOCK_NAME or _is_pin_file(path, secrets):
+        if path.name == LOCK_NAME or _is_pin_file(path, secrets) or \
+                any(path == o or path.is_relative_to(o) for o in others):
             continue
         if path.is_symlink():
             raise BackupError(path, "symbolic link in the token directory; refusing to follow it")
@@ -401,6 +444,7 @@ def restore(settings: Settings, verified: VerifiedBackup, *, pins: Sequence[KeyP
     with hold_token_lock(settings, exclusive=True, timeout=timeout):
         try:
             _stage(verified, staging)
+            _carry_over(settings, token_dir, staging / TOKENS_NAME)
             _check_staged(settings, staging, tuple(pins), tuple(blobs), verified.path)
             removed = _swap(token_dir, staging / TOKENS_NAME, stamp)
         finally:
@@ -427,6 +471,21 @@ def _stage(verified: VerifiedBackup, staging: Path) -> None:
                                                    "changed since it was verified")
         write_private(target, data)
     write_private(staging / CONF_NAME, softhsm_conf_text(tokens).encode())
+
+
+def _carry_over(settings: Settings, token_dir: Path, staged: Path) -> None:
+    """Copy the current token directory's other tokens (the root's among them) into the staged
+    one, in place of any copy of them the backup held: a restore replaces the main token only.
+    """
+    if not token_dir.is_dir():
+        return
+    for folder in other_tokens(token_dir, settings.token_label):
+        label = token_label_of(folder)
+        for old in other_tokens(staged, settings.token_label):
+            if token_label_of(old) == label:
+                shutil.rmtree(old)
+        shutil.copytree(folder, staged / folder.name, symlinks=False,
+                        ignore=shutil.ignore_patterns(LOCK_NAME))
 
 
 def _check_staged(settings: Settings, staging: Path, pins: tuple[KeyPin, ...],
@@ -498,4 +557,5 @@ def _swap(token_dir: Path, staged: Path, stamp: str) -> Path | None:
 
 
 __all__ = ["BackupResult", "RestoreReport", "VerifiedBackup", "backup", "canonical_manifest",
-           "manifest_digest", "restore", "spki_sha256", "verify_backup"]
+           "manifest_digest", "other_tokens", "restore", "spki_sha256", "token_label_of",
+           "verify_backup"]

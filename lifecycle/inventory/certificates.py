@@ -4,6 +4,10 @@ Certificates and CRLs are public: they are stored as DER. The CA keys they certi
 HSM and are pinned in ``hsm_key`` (role ``ca:<name>:<generation>``); the root's key, on a token
 of its own, is pinned by its certificate (``key_id`` and the certificate's public key). Serial
 numbers are stored in decimal text: 159-bit integers fit no portable integer column.
+
+A CA generation is ``active`` (the newest: it issues), ``retired`` (renewed: it still signs
+the CRL of what it issued) or ``revoked`` (by a ceremony: the root's CRL lists it; it neither
+issues nor signs anything more).
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from sqlmodel import Field, Session, SQLModel, col
 
 from lifecycle.clock import utcnow
 from lifecycle.errors import InventoryError
+from lifecycle.inventory.audit_events import AuditEvent
 from lifecycle.inventory.db import bulk_insert
 
-ACTIVE, RETIRED = "active", "retired"
+ACTIVE, RETIRED, REVOKED = "active", "retired", "revoked"
 
 
 class CaCertificate(SQLModel, table=True):
@@ -85,6 +90,13 @@ def current_ca(session: Session, ca_name: str) -> CaCertificate | None:
         col(CaCertificate.generation).desc())).scalars().first()
 
 
+def newest_ca(session: Session, ca_name: str) -> CaCertificate | None:
+    """Return the newest generation of a CA's certificate, whatever its status."""
+    return session.execute(select(CaCertificate).where(
+        CaCertificate.ca_name == ca_name).order_by(
+        col(CaCertificate.generation).desc())).scalars().first()
+
+
 def ca_generation(session: Session, ca_name: str, generation: int) -> CaCertificate | None:
     """Return one generation of a CA's certificate."""
     return session.execute(select(CaCertificate).where(
@@ -93,7 +105,8 @@ def ca_generation(session: Session, ca_name: str, generation: int) -> CaCertific
 
 
 def add_ca_certificate(session: Session, record: CaCertificate) -> CaCertificate:
-    """Store a CA certificate; the previous active generation of the CA is retired.
+    """Store a CA certificate; the previous active generation of the CA is retired (a
+    revoked one stays revoked).
 
     Raises:
         InventoryError: that generation is stored already.
@@ -102,8 +115,27 @@ def add_ca_certificate(session: Session, record: CaCertificate) -> CaCertificate
         raise InventoryError(f"CA {record.ca_name} generation {record.generation} is stored "
                              "already")
     for older in ca_certificates(session, record.ca_name):
+        if older.status != ACTIVE:
+            continue
         older.status = RETIRED
         session.add(older)
+    session.add(record)
+    session.flush()
+    return record
+
+
+def mark_ca_revoked(session: Session, ca_name: str, generation: int) -> CaCertificate:
+    """Mark a CA generation revoked.
+
+    Raises:
+        InventoryError: no such generation, or it is revoked already.
+    """
+    record = ca_generation(session, ca_name, generation)
+    if record is None:
+        raise InventoryError(f"CA {ca_name} has no generation {generation}")
+    if record.status == REVOKED:
+        raise InventoryError(f"CA {ca_name} generation {generation} is revoked already")
+    record.status = REVOKED
     session.add(record)
     session.flush()
     return record
@@ -190,7 +222,17 @@ def add_crl(session: Session, record: Crl) -> Crl:
     return record
 
 
-__all__ = ["ACTIVE", "RETIRED", "CaCertificate", "Crl", "IssuedCertificate",
+# --- the audit trail's word on the PKI ---------------------------------------------------------
+def trail_events(session: Session, actions: Sequence[str]) -> list[tuple[str, datetime, str]]:
+    """Return (action, time, detail text) of every successful event of these actions, oldest
+    first (the PKI checks what the inventory holds against them)."""
+    stmt = (select(col(AuditEvent.action), col(AuditEvent.at), col(AuditEvent.detail))
+            .where(col(AuditEvent.action).in_(list(actions)), col(AuditEvent.outcome) == "ok")
+            .order_by(col(AuditEvent.seq)))
+    return [(str(a), at, str(d)) for a, at, d in session.execute(stmt).all()]
+
+
+__all__ = ["ACTIVE", "RETIRED", "REVOKED", "CaCertificate", "Crl", "IssuedCertificate",
            "add_ca_certificate", "add_crl", "add_issued", "ca_certificates", "ca_generation",
-           "count_issued", "current_ca", "get_issued", "issued_for", "last_crl", "revoke",
-           "revoked_by"]
+           "count_issued", "current_ca", "get_issued", "issued_for", "last_crl", "mark_ca_revoked",
+           "newest_ca", "revoke", "revoked_by", "trail_events"]

@@ -1,18 +1,25 @@
 """Manufacturers' factory CA certificates: what a meter's factory certificate must chain to.
 
 Registered by two security officers (``meterkeys vendor add-ca``); stored as DER with their
-SHA-256 fingerprint, which is unique: one certificate belongs to one vendor.
+SHA-256 fingerprint, which is unique: one certificate belongs to one vendor. A row is a claim
+about trust, not trust itself: anyone who can write the inventory can add one, so
+``lifecycle.pki.steps.factory_anchors`` trusts a row only if the audit trail registered it.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Column, LargeBinary, String, Text, select
 from sqlmodel import Field, Session, SQLModel, col
 
 from lifecycle.clock import utcnow
 from lifecycle.errors import InventoryError
+from lifecycle.inventory import audit_events
+from lifecycle.inventory.vendors import Vendor
 
 
 class VendorCa(SQLModel, table=True):
@@ -50,4 +57,22 @@ def vendor_cas(session: Session, vendor_id: int) -> list[VendorCa]:
                                 .order_by(col(VendorCa.id))).scalars())
 
 
-__all__ = ["VendorCa", "add_vendor_ca", "vendor_cas"]
+def named_vendor_cas(session: Session, vendor_ids: Sequence[int] | None = None
+                     ) -> list[tuple[str, VendorCa]]:
+    """Return (vendor name, row) of the factory CA certificates of these vendors (None: every
+    vendor), by vendor id then oldest first."""
+    stmt = (select(Vendor.name, VendorCa).join(Vendor, col(Vendor.id) == col(VendorCa.vendor_id))
+            .order_by(col(VendorCa.vendor_id), col(VendorCa.id)))
+    if vendor_ids is not None:
+        stmt = stmt.where(col(VendorCa.vendor_id).in_(list(vendor_ids)))
+    return [(str(name), row) for name, row in session.execute(stmt).all()]
+
+
+def registrations(session: Session, action: str) -> list[dict[str, Any]]:
+    """Return the details of the audit trail's successful ``action`` events (the registrations
+    of factory CAs), oldest first; a detail that is not a JSON object counts as none."""
+    found = [json.loads(detail) for _, detail in audit_events.details_of(session, (action,))]
+    return [d for d in found if isinstance(d, dict)]
+
+
+__all__ = ["VendorCa", "add_vendor_ca", "named_vendor_cas", "registrations", "vendor_cas"]

@@ -97,6 +97,13 @@ def new_key_label(name: str, generation: int) -> str:
     return f"meterkeys-ca-{name}-{generation}-{secrets.token_hex(3)}"
 
 
+def root_key_label() -> str:
+    """Return the label of the root key: fixed, so that a ceremony that failed after making
+    the key (before its certificate was stored) finds and reuses it instead of leaving an
+    orphan root key in the root token, which is the root's alone."""
+    return f"meterkeys-ca-{ROOT}-1"
+
+
 def key_role(name: str, generation: int) -> str:
     """Return the role under which a CA key is pinned (``lifecycle.hsm.keyring``)."""
     return f"ca:{name}:{generation}"
@@ -302,4 +309,4 @@ __all__ = ["CAS", "DEVICE_CA_OF_CURVE", "FIRMWARE", "KEY_AGREEMENT", "MAINTENANC
            "REASONS", "ROOT", "SIGNATURE", "USAGES", "CaProfile", "IssuerFacts", "Revoked",
            "ca_builder", "ca_name", "crl_builder", "crl_url", "device_builder", "device_name",
            "key_role", "new_key_label", "new_serial", "parse_serial", "profile", "reason",
-           "serial_b64"]
+           "root_key_label", "serial_b64"]

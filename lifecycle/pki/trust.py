@@ -13,12 +13,23 @@ Before the DSO takes the meter over (the claim), the certificate must show, at `
 5. key: an EC key on the suite's curve (P-256 for suite 1, P-384 for suite 2).
 
 Each failure raises ``FactoryTrustError`` naming the meter and the rule, never a bool.
+
+Which factory CAs count as registered is itself checked (``check_registered``): a ``vendor_ca``
+row is trusted only if the audit trail holds the ``vendor.add-ca`` event that registered that
+certificate (its SHA-256 prefix, subject and notAfter) for that vendor. Anyone who can write the
+inventory can insert a row; only two security officers' signed request appends the event, and
+the trail is checked against its signed checkpoints and the witness by ``audit verify``, so a
+planted CA (and every meter certificate it signs) is refused, and a row moved to another vendor
+too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -30,6 +41,8 @@ from lifecycle.pki.issuing import curve_of
 from lifecycle.policy import SUITES
 
 FACTORY_CA_CURVES = ("P-256", "P-384")
+REGISTRATION = "vendor.add-ca"  # the audit action that registers a factory CA (dual control)
+PREFIX = 16  # hex digits of the SHA-256 fingerprint the registration event carries
 
 
 def _load(der: bytes, meter: str) -> x509.Certificate:
@@ -142,4 +155,129 @@ def verify_factory_certificate(meter: str, system_title: str, suite: int, der: b
     return cert
 
 
-__all__ = ["FACTORY_CA_CURVES", "check_factory_ca", "verify_factory_certificate"]
+# --- which registered factory CAs the audit trail attests ------------------------------------
+@dataclass(frozen=True)
+class RegisteredCa:
+    """A ``vendor_ca`` row as the trail check sees it: its vendor's name, its fingerprint and
+    subject columns, and its certificate (DER)."""
+
+    vendor: str
+    fingerprint: str
+    subject: str
+    der: bytes
+
+    @property
+    def what(self) -> str:
+        """Name the row by its certificate's real fingerprint (not the column) and vendor."""
+        return f"factory CA SHA-256 {hashlib.sha256(self.der).hexdigest()[:PREFIX]}… of " \
+               f"{self.vendor}"
+
+
+def check_registered(row: RegisteredCa, registrations: Sequence[Mapping[str, Any]]) -> None:
+    """Accept a factory CA row only if a registration event of the audit trail names it.
+
+    ``registrations`` are the details of the trail's successful ``vendor.add-ca`` events. The
+    row's certificate must hash to its fingerprint column and carry its subject column, and an
+    event must register it for this vendor: same SHA-256 prefix, subject and notAfter.
+
+    Raises:
+        PkiError: naming the row (fingerprint prefix of its DER, vendor) and what is wrong.
+    """
+    digest = hashlib.sha256(row.der).hexdigest()
+    if digest != row.fingerprint:
+        raise PkiError(row.what, f"its fingerprint column ({row.fingerprint[:PREFIX]}…) is "
+                                 "not its certificate's: the row was altered")
+    try:
+        cert = x509.load_der_x509_certificate(row.der)
+    except ValueError:
+        raise PkiError(row.what, "not a DER X.509 certificate") from None
+    subject = cert.subject.rfc4514_string()
+    if subject != row.subject:
+        raise PkiError(row.what, "its subject column is not its certificate's subject")
+    named = [r for r in registrations if r.get("sha256_prefix") == digest[:PREFIX]]
+    if not named:
+        raise PkiError(row.what, f"no {REGISTRATION} event in the audit trail registers it "
+                                 "(planted in the inventory?)")
+    if not any(r.get("vendor") == row.vendor for r in named):
+        raise PkiError(row.what, f"the audit trail registered it for "
+                                 f"{', '.join(sorted({str(r.get('vendor')) for r in named}))}")
+    after = cert.not_valid_after_utc.isoformat()
+    if not any(r.get("vendor") == row.vendor and r.get("subject") == subject
+               and r.get("not_after") == after for r in named):
+        raise PkiError(row.what, f"its subject or notAfter differ from its {REGISTRATION} "
+                                 "event")
+
+
+@dataclass(frozen=True)
+class Anchors:
+    """A vendor's factory CA certificates: those the audit trail attests (DER), and the rows it
+    does not, each with why (DER, reason)."""
+
+    trusted: tuple[bytes, ...] = ()
+    refused: tuple[tuple[bytes, str], ...] = ()
+
+    def verify(self, meter: str, system_title: str, suite: int, der: bytes,
+               now: datetime) -> x509.Certificate:
+        """Verify a meter's factory certificate against the attested CAs only
+        (``verify_factory_certificate``); return it parsed.
+
+        Raises:
+            FactoryTrustError: as ``verify_factory_certificate``; one issued by a refused row
+                names that row and why it is refused.
+        """
+        try:
+            return verify_factory_certificate(meter, system_title, suite, der, self.trusted,
+                                              now)
+        except FactoryTrustError:
+            why = self._refused_issuer(der)
+            if why is None:
+                raise
+            raise FactoryTrustError(meter, f"issued by a factory CA the audit trail does not "
+                                           f"attest: {why}") from None
+
+    def _refused_issuer(self, der: bytes) -> str | None:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return None
+        for ca_der, why in self.refused:
+            try:
+                cert.verify_directly_issued_by(x509.load_der_x509_certificate(ca_der))
+            except (InvalidSignature, ValueError, TypeError):
+                continue
+            return why
+        return None
+
+
+def anchors(rows: Sequence[RegisteredCa],
+            registrations: Sequence[Mapping[str, Any]]) -> Anchors:
+    """Sort one vendor's rows into attested and refused (``check_registered``)."""
+    trusted: list[bytes] = []
+    refused: list[tuple[bytes, str]] = []
+    for row in rows:
+        try:
+            check_registered(row, registrations)
+        except PkiError as exc:
+            refused.append((row.der, str(exc)))
+            continue
+        trusted.append(row.der)
+    return Anchors(tuple(trusted), tuple(refused))
+
+
+def unregistered(rows: Sequence[RegisteredCa],
+                 registrations: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Return a problem line for each row the trail does not attest and for each registration
+    whose certificate has no row left (a deleted CA: its meters can no longer be claimed)."""
+    problems = [why for _, why in anchors(rows, registrations).refused]
+    held = {(row.vendor, hashlib.sha256(row.der).hexdigest()[:PREFIX]) for row in rows}
+    for r in registrations:
+        if isinstance(r.get("sha256_prefix"), str) and \
+                (r.get("vendor"), r.get("sha256_prefix")) not in held:
+            problems.append(f"factory CA SHA-256 {r.get('sha256_prefix')}… of "
+                            f"{r.get('vendor')}: registered in the audit trail, but no "
+                            "vendor_ca row holds it (deleted?)")
+    return problems
+
+
+__all__ = ["FACTORY_CA_CURVES", "PREFIX", "REGISTRATION", "Anchors", "RegisteredCa", "anchors",
+           "check_factory_ca", "check_registered", "unregistered", "verify_factory_certificate"]

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pkcs11
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -43,7 +42,7 @@ from lifecycle.meter_keys.transfer import (
 from lifecycle.policy import KeyId, storage_kek_role
 from simulator.hes import SimulatedHes
 from simulator.meter import SimulatedMeter
-from tests.attackers import pin_holder_session
+from tests.attackers import allowed_mechanisms_mapper, pin_holder_session
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
 
@@ -202,11 +201,7 @@ def _objects(session: Any) -> set[int]:
 def test_a_pin_holder_finds_no_new_key_and_cannot_read_the_new_blobs(
         settings: Settings, factory: Any) -> None:
     meter = factory()
-    mapper = pkcs11.attributes.AttributeMapper()
-    mapper.register_handler(
-        Attribute.ALLOWED_MECHANISMS,
-        lambda mechs: b"".join(int(m).to_bytes(8, "little") for m in mechs),
-        lambda raw: [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)])
+    mapper = allowed_mechanisms_mapper()
     with pin_holder_session(settings, rw=True, attribute_mapper=mapper) as attacker:
         before = _objects(attacker)
         made = _transfer(settings, meter)

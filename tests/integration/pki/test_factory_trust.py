@@ -62,3 +62,27 @@ def _certificates(data: Path) -> dict[str, bytes]:
     with data.open(encoding="utf-8", newline="") as fh:
         return {row["MeterNo"]: base64.b64decode(row["FactoryCert"])
                 for row in csv.DictReader(fh, delimiter=";")}
+
+
+def test_a_factory_ca_row_counts_only_as_the_trail_registered_it(fleet) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import text
+
+    from lifecycle.inventory import db
+
+    maker = fleet.makers["acme"]
+    for suite in (1, 2):
+        pem = maker.factory_ca_pem(suite)
+        actor = officers_authorize(fleet, "vendor.add-ca", {"name": "acme",
+                                                            "certificate_pem": pem})
+        steps.add_vendor_ca(fleet.engine, actor, "acme", pem, utcnow())
+    assert steps.verify_vendor_cas(fleet.engine) == []
+    with db.transaction(fleet.engine) as session:  # the attacker moves one row, deletes one
+        session.execute(text("UPDATE vendor_ca SET vendor_id = (SELECT id FROM vendor WHERE "
+                             "name = 'borealis') WHERE subject LIKE '%suite 2%'"))
+        session.execute(text("DELETE FROM vendor_ca WHERE subject LIKE '%suite 1%'"))
+    assert steps.factory_cas(fleet.engine, "acme") == []
+    assert steps.factory_cas(fleet.engine, "borealis") == []
+    problems = steps.verify_vendor_cas(fleet.engine)
+    assert len(problems) == 3, problems  # moved (2: refused for borealis, gone for acme), deleted
+    assert any("of borealis" in p and "registered it for acme" in p for p in problems)
+    assert sum("no vendor_ca row holds it" in p and "of acme" in p for p in problems) == 2

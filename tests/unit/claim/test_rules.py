@@ -69,6 +69,15 @@ def test_judge(kind: OrderKind | None, status: str | None, evidence: Evidence,
     assert rules.judge(kind, status, evidence, last, counter) == verdict
 
 
+@pytest.mark.parametrize(("kind", "evidence"), [
+    pytest.param(G, P, id="guek-order-proven-new"), pytest.param(G, A, id="guek-order-active"),
+    pytest.param(M, N, id="master-order-no-proof")])
+def test_an_outcome_for_a_meter_out_of_claim_is_ignored(kind: OrderKind,
+                                                        evidence: Evidence) -> None:
+    # An order set back to pending by SQL, for a meter already operational (or registered).
+    assert rules.judge(kind, "pending", evidence, None, 9, in_claim=False) == Verdict.IGNORED
+
+
 @pytest.mark.parametrize(("evidence", "verdict"), [
     (P, Verdict.CONFIRM), (A, Verdict.FACTORY), (N, Verdict.UNPROVEN)])
 def test_recovery_tries_pending_then_active(evidence: Evidence, verdict: Verdict) -> None:

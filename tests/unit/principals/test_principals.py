@@ -58,9 +58,12 @@ SCENARIOS = [
     pytest.param(OP, "principal.disable", False, id="operator-no-principal-disable"),
     pytest.param(SO, "pki.ceremony", True, id="so-pki-ceremony"),
     pytest.param(OP, "pki.ceremony", False, id="operator-no-pki-ceremony"),
-    # The system principal (the scheduled audit run): checkpoint and verify, nothing else.
+    # The system principal (the scheduled runs): checkpoint, verify, publish CRLs, nothing else.
     pytest.param(SY, "audit.checkpoint", True, id="system-audit-checkpoint"),
     pytest.param(SY, "audit.verify", True, id="system-audit-verify"),
+    pytest.param(SY, "pki.crl", True, id="system-pki-crl"),
+    pytest.param(SY, "pki.revoke", False, id="system-no-pki-revoke"),
+    pytest.param(SY, "meter.claim", False, id="system-no-meter-claim"),
     pytest.param(SY, "batch.import", False, id="system-no-batch-import"),
     pytest.param(SY, "meter.read", False, id="system-no-meter-read"),
     pytest.param(SY, "audit.read", False, id="system-no-audit-read"),
@@ -95,8 +98,9 @@ def test_auditor_only_reads() -> None:
                        "principal.read"}
 
 
-def test_system_only_checkpoints_and_verifies() -> None:
-    assert {a for a in PERMISSIONS if may(SY, a)} == {"audit.checkpoint", "audit.verify"}
+def test_system_only_checkpoints_verifies_and_publishes_crls() -> None:
+    assert {a for a in PERMISSIONS if may(SY, a)} == {"audit.checkpoint", "audit.verify",
+                                                      "pki.crl"}
 
 
 def test_dual_control_actions_are_security_officers_only() -> None:
