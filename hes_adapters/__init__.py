@@ -7,7 +7,8 @@ This package is the one place that picks an adapter from the ``hes`` setting, be
 command line: tasks (for the flow) and cli may import it, and it imports the simulator only to
 offer ``simulated:<dir>``. A production HES adapter (an API client) would be added here too.
 
-    file:<dir>        FileHes: orders.jsonl written there for a real HES, outcomes.jsonl read
+    file:<dir>        FileHes: orders.jsonl kept there for a real HES (each chunk added,
+                      docs/hes-files.md), outcomes.jsonl read
     simulated:<dir>   SimulatedHes: the simulator's meters, state kept in <dir>
 """
 

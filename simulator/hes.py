@@ -24,13 +24,20 @@ from typing import Any
 from lifecycle.clock import utcnow
 from lifecycle.hes.files import write_atomically
 from lifecycle.hes.port import (
+    EXPORT_KINDS,
+    CertificateImport,
     CertificateOrder,
     CertificateRequests,
+    CsrAnswer,
     KeyOrder,
+    Line,
     MeterRef,
     Outcome,
+    encode_lines,
     outcome_line,
     parse_outcome,
+    read_typed,
+    typed_line,
 )
 from simulator.manufacturer import read_meter_secrets
 from simulator.meter import SimulatedMeter, check_mode
@@ -193,3 +200,34 @@ class SimulatedHes:
                     continue
         self.meter_seconds += time.perf_counter() - started
         self.save()
+
+    # --- the command line's files (meterkeys orders export/confirm) ------------------------------
+    def answer_file(self, export: Path, answers: Path) -> None:
+        """Play a real HES on an ``orders export`` file: run its key orders, make the requests
+        it asks for, import its certificates; write the answers, one typed line each.
+
+        Raises:
+            PortError: a line of the export is malformed.
+        """
+        items, errors = read_typed(export.read_text(encoding="utf-8"), str(export), EXPORT_KINDS)
+        if errors:
+            raise errors[0]
+        self.submit([i for i in items if isinstance(i, KeyOrder)])
+        lines: list[Line] = list(self.outcomes())
+        asks = [i for i in items if isinstance(i, MeterRef)]
+        lines += [CsrAnswer(serial, *pair)
+                  for serial, pair in self.certificate_requests(asks).items()]
+        lines += [self._imported(o) for o in items if isinstance(o, CertificateOrder)]
+        self.save()
+        write_atomically(answers, encode_lines(typed_line(i) for i in lines))
+
+    def _imported(self, order: CertificateOrder) -> CertificateImport:
+        meter = self.meters.get(order.meter_serial)
+        try:
+            if meter is None:
+                raise ValueError(f"unknown meter {order.meter_serial}")
+            for der in (order.signature_certificate, order.key_agreement_certificate):
+                meter.import_certificate(der)
+        except ValueError:
+            return CertificateImport(order.order_id, order.meter_serial, "failed", self._clock())
+        return CertificateImport(order.order_id, order.meter_serial, "ok", self._clock())

@@ -1,4 +1,4 @@
-"""A meter's certificate request (PKCS#10), checked before the DSO certifies its key, pure.
+"""A meter's certificate requests (PKCS#10), checked before the DSO certifies its keys.
 
 After the claim a suite 1 or 2 meter makes a key pair per use (DLMS Security Setup, class id
 64 version 1, method 4 ``generate_key_pair``) and a PKCS#10 request for it (method 5
@@ -17,18 +17,24 @@ CA signs anything, each request must show:
 
 ``check_request`` raises ``ClaimError`` naming the meter and the rule broken; it returns the
 key's SubjectPublicKeyInfo (DER), which is all the device CA takes from the request.
+``certify_job`` checks a batch of meters' requests and certifies those that pass in one HSM
+worker job, so the checks run in parallel with the signing.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from lifecycle.config import Settings
 from lifecycle.errors import ClaimError
 from lifecycle.pki import profiles
-from lifecycle.pki.issuing import curve_of
+from lifecycle.pki.issuing import DeviceRequest, Issued, IssueJob, Issuer, curve_of, issue_job
 from lifecycle.policy import SUITES
 
 _USAGE_FLAG = {profiles.SIGNATURE: "digital_signature",
@@ -84,3 +90,62 @@ def _check_usage(where: str, usage: str, request: x509.CertificateSigningRequest
     if flags != {wanted}:
         raise ClaimError(where, f"{usage} request asks for key usage "
                                 f"{', '.join(sorted(flags)) or 'none'}, not {wanted} alone")
+
+
+@dataclass(frozen=True)
+class MeterRequests:
+    """A meter's two certificate requests as its HES returned them (DER PKCS#10, unchecked)."""
+
+    serial: str
+    system_title: str
+    suite: int
+    signature: bytes
+    key_agreement: bytes
+
+
+@dataclass(frozen=True)
+class CertifyJob:
+    """``certify_job``'s argument: the device CA, the meters' requests and the clock."""
+
+    issuer: Issuer
+    meters: tuple[MeterRequests, ...]
+    now: datetime
+
+
+@dataclass(frozen=True)
+class Certified:
+    """What a ``certify_job`` did: the certificates issued, and each refused meter's reason."""
+
+    issued: list[Issued]
+    refused: dict[str, str]
+
+
+def device_requests(meter: MeterRequests) -> list[DeviceRequest]:
+    """Check a meter's two requests (``check_request``); return what the device CA certifies.
+
+    Raises:
+        ClaimError: a request breaks a rule (naming the meter, the use and the rule).
+    """
+    return [DeviceRequest(meter.system_title, check_request(
+        meter.serial, meter.system_title, meter.suite, usage, der), usage, meter.serial)
+        for usage, der in zip(profiles.USAGES, (meter.signature, meter.key_agreement),
+                              strict=True)]
+
+
+def certify_job(settings: Settings, job: CertifyJob) -> Certified:
+    """Check the meters' requests and certify the keys of those that pass, in this process (an
+    ``HsmWorkers`` job: the checks, which verify each request's signature, run in the workers
+    beside the signing instead of in the flow's process).
+
+    Raises:
+        KeyPolicyError, PkiError, HsmError: as ``lifecycle.pki.issuing.issue_job``.
+    """
+    wanted: list[DeviceRequest] = []
+    refused: dict[str, str] = {}
+    for meter in job.meters:
+        try:
+            wanted += device_requests(meter)
+        except ClaimError as exc:
+            refused[meter.serial] = exc.reason
+    issued = issue_job(settings, IssueJob(job.issuer, tuple(wanted), job.now)) if wanted else []
+    return Certified(issued, refused)

@@ -17,13 +17,22 @@ requests are public: they carry no secret.
 
 JSON lines: one object per line, bytes as hex, times as ISO 8601 with a zone. Decoding is
 strict: an unknown or missing field, a wrong type, bad hex or a naive time is refused with the
-file and line named (``PortError``, under the project's error root).
+file and line named (``PortError``, under the project's error root). ``FIELDS`` is the one table
+of every kind's fields.
+
+The file exchange of the command line (``meterkeys orders export/confirm``, docs/hes-files.md)
+puts every kind in one file, each line with a ``type`` (``typed_line``): the export carries
+``key_order``, ``csr_ask`` and ``certificate_order`` lines, the HES's answer ``outcome``, ``csrs``
+and ``certificate_import`` lines. One file each way, so the digest an operator signs for a
+confirmation covers everything it settles. ``read_answers`` keeps the good lines of a file and
+names each bad one.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol, get_args
@@ -32,9 +41,11 @@ from lifecycle.errors import PortError
 
 Status = Literal["ok", "not_ok", "failed", "timeout"]
 STATUSES: tuple[str, ...] = get_args(Status)
+ImportStatus = Literal["ok", "failed"]
+IMPORT_STATUSES: tuple[str, ...] = get_args(ImportStatus)
 SYSTEM_TITLE_HEX = 16
-
-
+ORDER_ID_MAX = 40
+HEX_RUN = re.compile(r"[0-9a-fA-F]{32}")
 
 @dataclass(frozen=True)
 class KeyOrder:
@@ -91,6 +102,26 @@ class CertificateOrder:
         return f"CertificateOrder({self.order_id!r}, meter {self.meter_serial})"
 
 
+@dataclass(frozen=True)
+class CsrAnswer:
+    """One meter's two certificate requests (PKCS#10 DER) as a HES returns them."""
+
+    meter_serial: str
+    signature_csr: bytes
+    key_agreement_csr: bytes
+
+
+@dataclass(frozen=True)
+class CertificateImport:
+    """What a HES reports for one certificate order: ``ok`` (both certificates are on the meter)
+    or ``failed`` (offer them again)."""
+
+    order_id: str
+    meter_serial: str
+    status: ImportStatus
+    reported_at: datetime
+
+
 class Hes(Protocol):
     """A Head End System as meterkeys uses it."""
 
@@ -113,69 +144,148 @@ class Hes(Protocol):
         """Hand certificates to the HES, to be put on their meters (Security Setup method 6)."""
 
 
-_ORDER_FIELDS = {"order_id": str, "meter_serial": str, "system_title": str, "suite": int,
-                 "key_data": str, "challenge": str, "created_at": str}
-_CSR_FIELDS = {"meter_serial": str, "signature_csr": str, "key_agreement_csr": str}
-_OUTCOME_FIELDS = {"order_id": str, "meter_serial": str, "status": str,
-                   "proof_apdu": (str, type(None)), "reported_at": str}
+# --- JSON lines ------------------------------------------------------------------------------
+# kind -> field -> the JSON type(s) it takes; every line of every file is checked against this.
+FIELDS: dict[str, dict[str, Any]] = {
+    "key_order": {"order_id": str, "meter_serial": str, "system_title": str, "suite": int,
+                  "key_data": str, "challenge": str, "created_at": str},
+    "outcome": {"order_id": str, "meter_serial": str, "status": str,
+                "proof_apdu": (str, type(None)), "reported_at": str},
+    "csr_ask": {"meter_serial": str, "system_title": str, "suite": int},
+    "csrs": {"meter_serial": str, "signature_csr": str, "key_agreement_csr": str},
+    "certificate_order": {"order_id": str, "meter_serial": str, "system_title": str,
+                          "signature_certificate": str, "key_agreement_certificate": str,
+                          "created_at": str},
+    "certificate_import": {"order_id": str, "meter_serial": str, "status": str,
+                           "reported_at": str},
+}
+EXPORT_KINDS = ("key_order", "csr_ask", "certificate_order")  # meterkeys -> HES
+ANSWER_KINDS = ("outcome", "csrs", "certificate_import")  # HES -> meterkeys
+TYPE = "type"
+
+Line = KeyOrder | Outcome | MeterRef | CsrAnswer | CertificateOrder | CertificateImport
+
+
+def _doc(item: Line) -> tuple[str, dict[str, Any]]:
+    """The kind of a line and its fields (bytes as hex, times ISO 8601)."""
+    if isinstance(item, KeyOrder):
+        return "key_order", {"order_id": item.order_id, "meter_serial": item.meter_serial,
+                             "system_title": item.system_title, "suite": item.suite,
+                             "key_data": item.key_data.hex(), "challenge": item.challenge.hex(),
+                             "created_at": item.created_at.isoformat()}
+    if isinstance(item, Outcome):
+        proof = None if item.proof_apdu is None else item.proof_apdu.hex()
+        return "outcome", {"order_id": item.order_id, "meter_serial": item.meter_serial,
+                           "status": item.status, "proof_apdu": proof,
+                           "reported_at": item.reported_at.isoformat()}
+    if isinstance(item, MeterRef):
+        return "csr_ask", {"meter_serial": item.serial, "system_title": item.system_title,
+                           "suite": item.suite}
+    if isinstance(item, CsrAnswer):
+        return "csrs", {"meter_serial": item.meter_serial,
+                        "signature_csr": item.signature_csr.hex(),
+                        "key_agreement_csr": item.key_agreement_csr.hex()}
+    if isinstance(item, CertificateOrder):
+        return "certificate_order", {
+            "order_id": item.order_id, "meter_serial": item.meter_serial,
+            "system_title": item.system_title,
+            "signature_certificate": item.signature_certificate.hex(),
+            "key_agreement_certificate": item.key_agreement_certificate.hex(),
+            "created_at": item.created_at.isoformat()}
+    return "certificate_import", {"order_id": item.order_id, "meter_serial": item.meter_serial,
+                                  "status": item.status,
+                                  "reported_at": item.reported_at.isoformat()}
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, sort_keys=True)
 
 
 def order_line(order: KeyOrder) -> str:
     """Return one order as a JSON line (without the newline)."""
-    return json.dumps({"order_id": order.order_id, "meter_serial": order.meter_serial,
-                       "system_title": order.system_title, "suite": order.suite,
-                       "key_data": order.key_data.hex(), "challenge": order.challenge.hex(),
-                       "created_at": order.created_at.isoformat()}, sort_keys=True)
+    return _dumps(_doc(order)[1])
 
 
 def outcome_line(outcome: Outcome) -> str:
     """Return one outcome as a JSON line (without the newline)."""
-    proof = None if outcome.proof_apdu is None else outcome.proof_apdu.hex()
-    return json.dumps({"order_id": outcome.order_id, "meter_serial": outcome.meter_serial,
-                       "status": outcome.status, "proof_apdu": proof,
-                       "reported_at": outcome.reported_at.isoformat()}, sort_keys=True)
+    return _dumps(_doc(outcome)[1])
 
 
 def meter_line(meter: MeterRef) -> str:
     """Return a certificate-request ask for one meter as a JSON line."""
-    return json.dumps({"meter_serial": meter.serial, "system_title": meter.system_title,
-                       "suite": meter.suite}, sort_keys=True)
+    return _dumps(_doc(meter)[1])
 
 
 def csr_line(serial: str, signature: bytes, key_agreement: bytes) -> str:
     """Return one meter's two certificate requests (DER, hex) as a JSON line."""
-    return json.dumps({"meter_serial": serial, "signature_csr": signature.hex(),
-                       "key_agreement_csr": key_agreement.hex()}, sort_keys=True)
+    return _dumps(_doc(CsrAnswer(serial, signature, key_agreement))[1])
 
 
 def certificate_order_line(order: CertificateOrder) -> str:
     """Return one certificate order as a JSON line (certificates as hex DER)."""
-    return json.dumps({"order_id": order.order_id, "meter_serial": order.meter_serial,
-                       "system_title": order.system_title,
-                       "signature_certificate": order.signature_certificate.hex(),
-                       "key_agreement_certificate": order.key_agreement_certificate.hex(),
-                       "created_at": order.created_at.isoformat()}, sort_keys=True)
+    return _dumps(_doc(order)[1])
 
 
-def decode_csrs(text: str, name: str) -> CertificateRequests:
-    """Parse a JSON lines text of certificate requests; ``name`` (a file) goes into every error.
+def typed_line(item: Line) -> str:
+    """Return any line with its kind in a ``type`` field (the command line's one-file form)."""
+    kind, doc = _doc(item)
+    return _dumps({TYPE: kind, **doc})
 
-    Raises:
-        PortError: at the first bad line (missing or unknown field, wrong type, bad hex, empty
-            request), or a meter twice.
-    """
-    out: CertificateRequests = {}
-    for where, line in _lines(text, name):
-        doc = _object(line, where, _CSR_FIELDS)
-        serial = _text(doc, "meter_serial", where)
-        if serial in out:
-            raise PortError(where, f"meter {serial!r} appears twice")
-        pair = (_hex(doc["signature_csr"], where, "signature_csr"),
-                _hex(doc["key_agreement_csr"], where, "key_agreement_csr"))
-        if not all(pair):
-            raise PortError(where, "a certificate request is empty")
-        out[serial] = pair
-    return out
+
+def encode_lines(lines: Iterable[str]) -> str:
+    """Join JSON lines, one per line, newline-terminated."""
+    return "".join(f"{line}\n" for line in lines)
+
+
+# --- decoding: each kind's fields, already checked against FIELDS -----------------------------
+def _order(doc: dict[str, Any], where: str) -> KeyOrder:
+    return KeyOrder(_order_id(doc, where), _text(doc, "meter_serial", where),
+                    _title(doc, where), _suite(doc, where),
+                    _hex(doc["key_data"], where, "key_data"),
+                    _hex(doc["challenge"], where, "challenge"),
+                    _time(doc["created_at"], where, "created_at"))
+
+
+def _outcome(doc: dict[str, Any], where: str) -> Outcome:
+    if doc["status"] not in STATUSES:
+        raise PortError(where, f"status {doc['status']!r} is not one of {', '.join(STATUSES)}")
+    proof = None if doc["proof_apdu"] is None else _hex(doc["proof_apdu"], where, "proof_apdu")
+    return Outcome(_order_id(doc, where), _text(doc, "meter_serial", where),
+                   doc["status"], proof, _time(doc["reported_at"], where, "reported_at"))
+
+
+def _meter(doc: dict[str, Any], where: str) -> MeterRef:
+    return MeterRef(_text(doc, "meter_serial", where), _title(doc, where), _suite(doc, where))
+
+
+def _csrs(doc: dict[str, Any], where: str) -> CsrAnswer:
+    answer = CsrAnswer(_text(doc, "meter_serial", where),
+                       _hex(doc["signature_csr"], where, "signature_csr"),
+                       _hex(doc["key_agreement_csr"], where, "key_agreement_csr"))
+    if not answer.signature_csr or not answer.key_agreement_csr:
+        raise PortError(where, "a certificate request is empty")
+    return answer
+
+
+def _certificate_order(doc: dict[str, Any], where: str) -> CertificateOrder:
+    return CertificateOrder(
+        _order_id(doc, where), _text(doc, "meter_serial", where), _title(doc, where),
+        _hex(doc["signature_certificate"], where, "signature_certificate"),
+        _hex(doc["key_agreement_certificate"], where, "key_agreement_certificate"),
+        _time(doc["created_at"], where, "created_at"))
+
+
+def _import(doc: dict[str, Any], where: str) -> CertificateImport:
+    if doc["status"] not in IMPORT_STATUSES:
+        raise PortError(where, f"status {doc['status']!r} is not one of "
+                               f"{', '.join(IMPORT_STATUSES)}")
+    return CertificateImport(_order_id(doc, where), _text(doc, "meter_serial", where),
+                             doc["status"], _time(doc["reported_at"], where, "reported_at"))
+
+
+_DECODERS: dict[str, Callable[[dict[str, Any], str], Line]] = {
+    "key_order": _order, "outcome": _outcome, "csr_ask": _meter, "csrs": _csrs,
+    "certificate_order": _certificate_order, "certificate_import": _import}
 
 
 def parse_order(line: str, where: str) -> KeyOrder:
@@ -184,17 +294,7 @@ def parse_order(line: str, where: str) -> KeyOrder:
     Raises:
         PortError: naming ``where`` and the field that is wrong.
     """
-    doc = _object(line, where, _ORDER_FIELDS)
-    title = doc["system_title"]
-    if len(title) != SYSTEM_TITLE_HEX or title != title.upper():
-        raise PortError(where, "system_title is not 16 upper-case hex digits")
-    _hex(title, where, "system_title")
-    if doc["suite"] not in (0, 1, 2) or isinstance(doc["suite"], bool):
-        raise PortError(where, f"suite {doc['suite']!r} is not 0, 1 or 2")
-    return KeyOrder(_text(doc, "order_id", where), _text(doc, "meter_serial", where), title,
-                    doc["suite"], _hex(doc["key_data"], where, "key_data"),
-                    _hex(doc["challenge"], where, "challenge"),
-                    _time(doc["created_at"], where, "created_at"))
+    return _order(_object(line, where, FIELDS["key_order"]), where)
 
 
 def parse_outcome(line: str, where: str) -> Outcome:
@@ -203,17 +303,22 @@ def parse_outcome(line: str, where: str) -> Outcome:
     Raises:
         PortError: naming ``where`` and the field that is wrong.
     """
-    doc = _object(line, where, _OUTCOME_FIELDS)
-    if doc["status"] not in STATUSES:
-        raise PortError(where, f"status {doc['status']!r} is not one of {', '.join(STATUSES)}")
-    proof = None if doc["proof_apdu"] is None else _hex(doc["proof_apdu"], where, "proof_apdu")
-    return Outcome(_text(doc, "order_id", where), _text(doc, "meter_serial", where),
-                   doc["status"], proof, _time(doc["reported_at"], where, "reported_at"))
+    return _outcome(_object(line, where, FIELDS["outcome"]), where)
 
 
-def encode_lines(lines: Iterable[str]) -> str:
-    """Join JSON lines, one per line, newline-terminated."""
-    return "".join(f"{line}\n" for line in lines)
+def parse_typed(line: str, where: str, kinds: Sequence[str]) -> Line:
+    """Parse one line of the one-file form: its ``type`` must be one of ``kinds``.
+
+    Raises:
+        PortError: naming ``where`` and the field that is wrong.
+    """
+    doc = _json(line, where)
+    kind = doc.pop(TYPE, None)
+    if kind is None:
+        raise PortError(where, f"missing field {TYPE}")
+    if not isinstance(kind, str) or kind not in kinds:
+        raise PortError(where, f"{TYPE} is not one of {', '.join(kinds)}")
+    return _DECODERS[kind](_fields(doc, where, FIELDS[kind]), where)
 
 
 def decode_orders(text: str, name: str) -> list[KeyOrder]:
@@ -238,6 +343,79 @@ def decode_outcomes(text: str, name: str) -> list[Outcome]:
     return outcomes
 
 
+def decode_meters(text: str, name: str) -> list[MeterRef]:
+    """Parse a JSON lines text of certificate-request asks (``meter_line``).
+
+    Raises:
+        PortError: at the first bad line.
+    """
+    return [_meter(_object(line, where, FIELDS["csr_ask"]), where)
+            for where, line in _lines(text, name)]
+
+
+def decode_csrs(text: str, name: str) -> CertificateRequests:
+    """Parse a JSON lines text of certificate requests; ``name`` (a file) goes into every error.
+
+    Raises:
+        PortError: at the first bad line (missing or unknown field, wrong type, bad hex, empty
+            request), or a meter twice.
+    """
+    out: CertificateRequests = {}
+    for where, line in _lines(text, name):
+        answer = _csrs(_object(line, where, FIELDS["csrs"]), where)
+        if answer.meter_serial in out:
+            raise PortError(where, f"meter {answer.meter_serial!r} appears twice")
+        out[answer.meter_serial] = (answer.signature_csr, answer.key_agreement_csr)
+    return out
+
+
+def read_typed(text: str, name: str, kinds: Sequence[str]) -> tuple[list[Line], list[PortError]]:
+    """Parse the one-file form leniently: return the good lines, and an error for each bad one
+    (a line of a kind not in ``kinds``, a malformed line, or the same order or meter twice: the
+    first stands)."""
+    items: list[Line] = []
+    errors: list[PortError] = []
+    seen: set[tuple[str, str]] = set()
+    for where, line in _lines(text, name):
+        try:
+            item = parse_typed(line, where, kinds)
+            key = _identity(item)
+            if key in seen:
+                raise PortError(where, f"{key[0]} {key[1]!r} appears twice")
+        except PortError as exc:
+            errors.append(exc)
+            continue
+        seen.add(key)
+        items.append(item)
+    return items, errors
+
+
+@dataclass(frozen=True)
+class Answers:
+    """A HES's answer file, sorted by kind; ``rejected`` names each bad line."""
+
+    outcomes: list[Outcome]
+    csrs: CertificateRequests
+    imports: list[CertificateImport]
+    rejected: list[PortError]
+
+
+def read_answers(text: str, name: str) -> Answers:
+    """Parse a HES's answer file (``outcome``, ``csrs`` and ``certificate_import`` lines),
+    keeping the good lines and naming the bad ones."""
+    items, rejected = read_typed(text, name, ANSWER_KINDS)
+    return Answers([i for i in items if isinstance(i, Outcome)],
+                   {i.meter_serial: (i.signature_csr, i.key_agreement_csr)
+                    for i in items if isinstance(i, CsrAnswer)},
+                   [i for i in items if isinstance(i, CertificateImport)], rejected)
+
+
+def _identity(item: Line) -> tuple[str, str]:
+    """What a line is about: an order by id, a meter by serial (one line each per file)."""
+    kind, doc = _doc(item)
+    return kind, str(doc.get("order_id") or doc["meter_serial"])
+
+
 def _lines(text: str, name: str) -> Iterator[tuple[str, str]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
@@ -253,12 +431,20 @@ def _unique(ids: Sequence[str], name: str) -> None:
 
 
 def _object(line: str, where: str, fields: dict[str, Any]) -> dict[str, Any]:
+    return _fields(_json(line, where), where, fields)
+
+
+def _json(line: str, where: str) -> dict[str, Any]:
     try:
         doc = json.loads(line)
     except json.JSONDecodeError as exc:
         raise PortError(where, f"not JSON ({exc.msg})") from None
     if not isinstance(doc, dict):
         raise PortError(where, "not a JSON object")
+    return doc
+
+
+def _fields(doc: dict[str, Any], where: str, fields: dict[str, Any]) -> dict[str, Any]:
     if missing := sorted(set(fields) - set(doc)):
         raise PortError(where, f"missing field {', '.join(missing)}")
     if unknown := sorted(set(doc) - set(fields)):
@@ -269,11 +455,36 @@ def _object(line: str, where: str, fields: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _order_id(doc: dict[str, Any], where: str) -> str:
+    # An id is one meterkeys made (``CO-``/``CC-`` and 16 hex digits) echoed by the HES. A run
+    # of 32 hex digits is refused here, before it reaches the audit trail (which refuses such
+    # runs as possible key material, and would fail the whole file).
+    value = _text(doc, "order_id", where)
+    if len(value) > ORDER_ID_MAX or HEX_RUN.search(value):
+        raise PortError(where, f"order_id is longer than {ORDER_ID_MAX} characters or holds 32 "
+                               "hex digits in a row")
+    return value
+
+
 def _text(doc: dict[str, Any], field: str, where: str) -> str:
     value = str(doc[field])
     if not value or len(value) > 128 or not value.isprintable():
         raise PortError(where, f"{field} is empty, too long or not printable")
     return value
+
+
+def _title(doc: dict[str, Any], where: str) -> str:
+    title = str(doc["system_title"])
+    if len(title) != SYSTEM_TITLE_HEX or title != title.upper():
+        raise PortError(where, "system_title is not 16 upper-case hex digits")
+    _hex(title, where, "system_title")
+    return title
+
+
+def _suite(doc: dict[str, Any], where: str) -> int:
+    if doc["suite"] not in (0, 1, 2) or isinstance(doc["suite"], bool):
+        raise PortError(where, f"suite {doc['suite']!r} is not 0, 1 or 2")
+    return int(doc["suite"])
 
 
 def _hex(value: str, where: str, field: str) -> bytes:

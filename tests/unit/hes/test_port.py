@@ -58,6 +58,8 @@ def _order(**change: object) -> str:
     pytest.param(_outcome(extra=1), "unknown field extra", id="unknown"),
     pytest.param(_outcome(order_id=7), "order_id has the wrong type", id="wrong-type"),
     pytest.param(_outcome(order_id=""), "order_id is empty", id="empty-id"),
+    pytest.param(_outcome(order_id="CO-" + "ab" * 16), "32 hex digits", id="hex-run-id"),
+    pytest.param(_outcome(order_id="CO-" + "x" * 38), "longer than 40", id="long-id"),
 ])
 def test_bad_outcome_lines_are_refused_by_file_and_line(line: str, message: str) -> None:
     text = encode_lines([outcome_line(Outcome("o-0", "X", "failed", None, NOW)), line])
