@@ -202,5 +202,14 @@ class Fleet:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run the leak scans first. They read Prefect's whole database, file by file and row by
     row, for every form of every simulated key; run last, that database holds every earlier
-    test's flow runs too, and the scans took 100 s each for nothing more to find."""
-    items.sort(key=lambda item: 0 if "integration/secrets/" in str(item.path) else 1)
+    test's flow runs too, and the scans took 100 s each for nothing more to find. The factory
+    import's scan comes first, the claim's (ceremony, claim, approval) right after it."""
+    leak_scans = ("integration/secrets/test_no_secrets.py",
+                  "integration/secrets/test_claim_secrets.py")
+
+    def rank(item: pytest.Item) -> int:
+        path = item.path.as_posix()
+        return next((i for i, name in enumerate(leak_scans) if path.endswith(name)),
+                    len(leak_scans) if "integration/secrets/" in path else len(leak_scans) + 1)
+
+    items.sort(key=rank)

@@ -233,3 +233,56 @@ def _scan_postgres_select(db_url: str, schema: str,
 def scan_text(text: str, needles: Mapping[str, bytes], where: str) -> list[str]:
     """Scan a string (log message, artifact body, captured output) by its UTF-8 bytes."""
     return scan_bytes(text.encode("utf-8", "surrogatepass"), needles, where)
+
+
+# --- more kinds of needle: named keys, private keys, PINs and passphrases from their files ---
+def _checked(found: dict[str, bytes]) -> dict[str, bytes]:
+    for name, value in found.items():
+        if len(value) < 4:
+            raise ValueError(f"needle {name} is too short to search for safely")
+    return found
+
+
+def needles_of_keys(keys: Mapping[str, bytes]) -> dict[str, bytes]:
+    """Return the needles of named raw secrets (``{"dso:SERIAL.guek": key}``) in every form
+    ``needles`` searches for a meter key: raw, hex in both cases, base64 in both alphabets."""
+    out: dict[str, bytes] = {}
+    for name, raw in keys.items():
+        out.update(_forms(name, raw))
+    return _checked(out)
+
+
+def private_scalar(pem: bytes, passphrase: bytes | None = None) -> tuple[bytes, int | None]:
+    """Return a PEM private key's secret as raw bytes (EC: the private value, big-endian, as
+    long as the curve's order; Ed25519: the 32-byte seed) and, for EC, as an integer."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    private = serialization.load_pem_private_key(pem, password=passphrase)
+    if isinstance(private, ec.EllipticCurvePrivateKey):
+        value = private.private_numbers().private_value
+        return value.to_bytes((private.curve.key_size + 7) // 8, "big"), value
+    if isinstance(private, ed25519.Ed25519PrivateKey):
+        return private.private_bytes_raw(), None
+    raise ValueError(f"no private scalar for a {type(private).__name__}")
+
+
+def needles_of_private_keys(pems: Mapping[str, bytes],
+                            passphrases: Mapping[str, bytes] | None = None) -> dict[str, bytes]:
+    """Return the needles of named PEM private keys: their private scalar in the forms of
+    ``needles_of_keys``, and, for EC keys, in decimal (``<name>/decimal``)."""
+    out: dict[str, bytes] = {}
+    for name, pem in pems.items():
+        raw, value = private_scalar(pem, (passphrases or {}).get(name))
+        out.update(_forms(name, raw))
+        if value is not None:
+            out[f"{name}/decimal"] = str(value).encode()
+    return _checked(out)
+
+
+def needles_of_secret_files(files: Iterable[Path], kind: str = "pin") -> dict[str, bytes]:
+    """Return ``{"<kind>:<file name>": its text, stripped}`` for PIN or passphrase files (as
+    ``needles`` reads ``user.pin`` and ``so.pin``)."""
+    out = {f"{kind}:{path.name}": path.read_text(encoding="utf-8").strip().encode()
+           for path in files}
+    return _checked(out)
