@@ -23,6 +23,7 @@ import typer
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from cli.common import console, err_console, fail
+from cli.demo import MARKER as DEMO_MARKER
 from deployments.serve import main
 from lifecycle.config import ensure_private_dir, ensure_private_home, load_settings
 from lifecycle.errors import ConfigError
@@ -73,8 +74,9 @@ def serve(host: str = typer.Option("127.0.0.1", help="address of the Prefect UI 
                                   f"{host}:{port}")
                 raise typer.Exit(1)
             time.sleep(1)
-    console.print(f"Prefect UI: {base}  (deployments: factory-import, audit-checkpoint "
-                  "hourly); Ctrl-C to stop")
+    _hes_for_claims()
+    console.print(f"Prefect UI: {base}  (deployments: factory-import, ownership-claim, "
+                  "audit-checkpoint hourly, publish-crls daily); Ctrl-C to stop")
     try:
         with temporary_settings(updates={PREFECT_API_URL: api,
                                          PREFECT_API_AUTH_STRING: auth_string}):
@@ -82,6 +84,21 @@ def serve(host: str = typer.Option("127.0.0.1", help="address of the Prefect UI 
     finally:
         if server is not None:
             _stop(server)
+
+
+def _hes_for_claims() -> None:
+    """Tell the served claim runs which HES to use: the setting's, or in a demo home its
+    simulated HES; warn when there is none (a claim run would fail at its start)."""
+    settings = load_settings()
+    if settings.hes is not None:
+        return
+    folder = settings.simulation_dir / "hes"
+    if (settings.home / DEMO_MARKER).is_file() and folder.is_dir():
+        os.environ["METERKEYS_HES"] = f"simulated:{folder}"
+        console.print(f"claims go to the demo's simulated HES in {folder}")
+        return
+    err_console.print("[bold yellow]warning:[/] no HES configured: ownership-claim runs fail "
+                      "until METERKEYS_HES is set (file:<dir> or simulated:<dir>).")
 
 
 def auth_file() -> Path:
