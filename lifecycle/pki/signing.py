@@ -20,7 +20,7 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
 from lifecycle.errors import PkiError
 from lifecycle.pki.profiles import CURVES, HASHES
@@ -70,8 +70,8 @@ def _length(n: int) -> bytes:
     return bytes([0x80 | len(body)]) + body
 
 
-def assemble(tbs: bytes, curve: str, raw_signature: bytes) -> bytes:
-    """Return the DER of SEQUENCE { tbs, signatureAlgorithm, signatureValue } (RFC 5280).
+def _ecdsa_sig_value(curve: str, raw_signature: bytes) -> bytes:
+    """Return the DER Ecdsa-Sig-Value of a raw r || s signature (RFC 5480 §2.2.3).
 
     Raises:
         PkiError: the raw signature is not r || s of the curve's size.
@@ -82,7 +82,16 @@ def assemble(tbs: bytes, curve: str, raw_signature: bytes) -> bytes:
                                     f"is {2 * size}")
     r = int.from_bytes(raw_signature[:size], "big")
     s = int.from_bytes(raw_signature[size:], "big")
-    signature = encode_dss_signature(r, s)
+    return encode_dss_signature(r, s)
+
+
+def assemble(tbs: bytes, curve: str, raw_signature: bytes) -> bytes:
+    """Return the DER of SEQUENCE { tbs, signatureAlgorithm, signatureValue } (RFC 5280).
+
+    Raises:
+        PkiError: the raw signature is not r || s of the curve's size.
+    """
+    signature = _ecdsa_sig_value(curve, raw_signature)
     bits = b"\x03" + _length(len(signature) + 1) + b"\x00" + signature
     body = tbs + SIGNATURE_ALGORITHMS[curve] + bits
     return b"\x30" + _length(len(body)) + body
@@ -99,13 +108,24 @@ def sign_certificates(signer: DigestSigner, label: str, curve: str,
             another key, or wrongly), or the issuer's name does not match.
         HsmError: the HSM refused to sign.
     """
-    raw = signer.sign_digests(label, [digest(tbs, curve) for tbs in tbs_list])
+    digests = [digest(tbs, curve) for tbs in tbs_list]
+    raw = signer.sign_digests(label, digests)
+    # The issuer's key checks each signature over the digest already made (Prehashed): the
+    # same check as ``verify_directly_issued_by``, without hashing the TBS again.
+    algorithm = ec.ECDSA(Prehashed(HASHES[curve]()))
+    issuer_key = None if issuer is None else issuer.public_key()
+    issuer_name = None if issuer is None else issuer.subject
     out = []
-    for tbs, signature in zip(tbs_list, raw, strict=True):
+    for tbs, hashed, signature in zip(tbs_list, digests, raw, strict=True):
         der = assemble(tbs, curve, signature)
         cert = x509.load_der_x509_certificate(der)
+        public = issuer_key or cert.public_key()
         try:
-            cert.verify_directly_issued_by(issuer or cert)
+            if not isinstance(public, ec.EllipticCurvePublicKey):
+                raise TypeError("the issuer's key is not an EC key")
+            if cert.issuer != (issuer_name or cert.subject):
+                raise ValueError("the issuer name is not the CA's subject")
+            public.verify(_ecdsa_sig_value(curve, signature), hashed, algorithm)
         except (InvalidSignature, ValueError, TypeError) as exc:
             raise PkiError(f"certificate {cert.subject.rfc4514_string()}",
                            f"does not verify under CA key {label!r}: "
