@@ -112,9 +112,11 @@ def setup(home: Path, meters: int, suites: tuple[int, ...]) -> dict[str, Any]:
     """Token, inventory, principals, acme with its factory CAs, an imported batch, the PKI."""
     from import_bench import enrol_bench_principals, run_flow
 
+    from lifecycle import principals
     from lifecycle.clock import utcnow
     from lifecycle.config import load_settings
     from lifecycle.factory_import.vendor import ensure_import_key
+    from lifecycle.identity import request, signers
     from lifecycle.installation import steps
     from lifecycle.inventory import vendors
     from lifecycle.inventory.db import make_engine, migrate, transaction
@@ -132,9 +134,16 @@ def setup(home: Path, meters: int, suites: tuple[int, ...]) -> dict[str, Any]:
     with transaction(engine) as session:
         vendors.add_vendor(session, "acme", maker.signing_public_pem(),
                            mapping.read_text(encoding="utf-8"))
+    officers = [signers.FileSigner.load(home / "principals" / f"{name}.key.pem", None)
+                for name in ("bench-so", "bench-so-2")]
     for suite in (1, 2):
-        pki.add_vendor_ca(engine, steps.UNATTENDED, "acme", maker.factory_ca_pem(suite),
-                          utcnow())
+        params = {"name": "acme", "certificate_pem": maker.factory_ca_pem(suite)}
+        signed = [request.make("vendor.add-ca", params, name, principals.installation_id(engine),
+                               utcnow(), key)
+                  for name, key in zip(("bench-so", "bench-so-2"), officers, strict=True)]
+        actor = principals.authorize(engine, s, signed, "vendor.add-ca", params, at=utcnow())
+        pki.add_vendor_ca(engine, actor, "acme", params["certificate_pem"], utcnow(),
+                          requests=signed)
     ceremony.ceremony(s, engine, steps.UNATTENDED)
     pem, oaep = ensure_import_key(engine, s, "acme")
     files = maker.make_batch(out=home / "batch", mapping_path=mapping,

@@ -41,7 +41,7 @@ def verify(
                                 utcnow())
         raise fail(exc, EXIT_BROKEN) from None
     problems = principals.verify_all(engine(), settings())
-    problems += pki_steps.verify_vendor_cas(engine())
+    problems += pki_steps.verify_vendor_cas(engine(), settings())
     if problems:
         steps.note_verification(engine(), actor, "failed", {"events": count,
                                                              "problems": problems[:20]},

@@ -31,7 +31,7 @@ from lifecycle.installation import steps
 from lifecycle.pki import ceremony
 from lifecycle.pki import steps as pki_steps
 
-Perform = Callable[[Mapping[str, Any], Actor], str]
+Perform = Callable[[Mapping[str, Any], Actor, Sequence[SignedRequest]], str]
 SHOWN_CHARS = 72
 
 
@@ -63,7 +63,7 @@ def approve(request_id: str, confirm: Callable[[], bool], key: Signer | None = N
         return
     second = sign(pending.action, pending.params, key)
     actor, done = principals.complete(engine(), settings(), request_id, second, at=utcnow())
-    console.print(perform(done.action, done.params, actor))
+    console.print(perform(done.action, done.params, actor, done.requests))
 
 
 def perform_signed(requests: Sequence[SignedRequest], action: str,
@@ -77,16 +77,17 @@ def perform_signed(requests: Sequence[SignedRequest], action: str,
     else:
         actor = principals.authorize(engine(), settings(), list(requests), action,
                                      dict(params), at=utcnow())
-    return perform(action, params, actor)
+    return perform(action, params, actor, requests)
 
 
-def perform(action: str, params: Mapping[str, Any], actor: Actor) -> str:
+def perform(action: str, params: Mapping[str, Any], actor: Actor,
+            requests: Sequence[SignedRequest]) -> str:
     """Perform an authorised security-officer action; return what to tell the officer.
 
     An enrolment or a disabling is performed by ``principals`` itself, in the transaction that
     checks its signatures; only the message is left.
     """
-    return PERFORMERS[action](params, actor)
+    return PERFORMERS[action](params, actor, requests)
 
 
 def show(action: str, params: Mapping[str, Any], *, title: str) -> None:
@@ -100,13 +101,15 @@ def show(action: str, params: Mapping[str, Any], *, title: str) -> None:
     console.print(table)
 
 
-def _vendor_add(p: Mapping[str, Any], actor: Actor) -> str:
+def _vendor_add(p: Mapping[str, Any], actor: Actor,
+                requests: Sequence[SignedRequest]) -> str:
     vendor_steps.add_vendor(engine(), actor, p["name"], p["signing_pem"], p["mapping_toml"],
                             source=p["source"], at=utcnow())
     return f"vendor {p['name']} added"
 
 
-def _vendor_import_key(p: Mapping[str, Any], actor: Actor) -> str:
+def _vendor_import_key(p: Mapping[str, Any], actor: Actor,
+                       requests: Sequence[SignedRequest]) -> str:
     pem, oaep = vendor_steps.issue_import_key(engine(), settings(), actor, p["name"],
                                               at=utcnow())
     out = Path(p["out"])
@@ -116,12 +119,14 @@ def _vendor_import_key(p: Mapping[str, Any], actor: Actor) -> str:
             f"batch transport key with RSA-OAEP-{oaep.upper()} under it")
 
 
-def _backup(p: Mapping[str, Any], actor: Actor) -> str:
+def _backup(p: Mapping[str, Any], actor: Actor,
+            requests: Sequence[SignedRequest]) -> str:
     made = steps.backup(settings(), engine(), actor, Path(p["dest"]))
     return f"token backed up to {made.path} (generation {made.generation}, signed)"
 
 
-def _restore(p: Mapping[str, Any], actor: Actor) -> str:
+def _restore(p: Mapping[str, Any], actor: Actor,
+             requests: Sequence[SignedRequest]) -> str:
     report = steps.restore(settings(), engine(), actor, Path(p["src"]), force=bool(p["force"]))
     removed = "; the previous token directory was deleted" if report.removed else ""
     return (f"token generation {report.generation} restored into {report.token_dir} "
@@ -129,7 +134,8 @@ def _restore(p: Mapping[str, Any], actor: Actor) -> str:
             f"checked){removed}")
 
 
-def _ceremony(p: Mapping[str, Any], actor: Actor) -> str:
+def _ceremony(p: Mapping[str, Any], actor: Actor,
+              requests: Sequence[SignedRequest]) -> str:
     report = ceremony.ceremony(settings(), engine(), actor, renew=list(p["renew"]),
                                revoke=list(p.get("revoke", [])),
                                reason=str(p.get("reason", "key-compromise")), now=utcnow())
@@ -139,16 +145,20 @@ def _ceremony(p: Mapping[str, Any], actor: Actor) -> str:
             + ("; root token created" if report.root_token_created else ""))
 
 
-def _vendor_add_ca(p: Mapping[str, Any], actor: Actor) -> str:
-    subject = pki_steps.add_vendor_ca(engine(), actor, p["name"], p["certificate_pem"], utcnow())
+def _vendor_add_ca(p: Mapping[str, Any], actor: Actor,
+                   requests: Sequence[SignedRequest]) -> str:
+    subject = pki_steps.add_vendor_ca(engine(), actor, p["name"], p["certificate_pem"], utcnow(),
+                                      requests=requests)
     return f"factory CA {subject} registered for vendor {p['name']}"
 
 
-def _enrolled(p: Mapping[str, Any], actor: Actor) -> str:
+def _enrolled(p: Mapping[str, Any], actor: Actor,
+              requests: Sequence[SignedRequest]) -> str:
     return f"principal {p['name']} enrolled as {p['role']}"
 
 
-def _disabled(p: Mapping[str, Any], actor: Actor) -> str:
+def _disabled(p: Mapping[str, Any], actor: Actor,
+              requests: Sequence[SignedRequest]) -> str:
     return f"principal {p['name']} disabled"
 
 

@@ -451,6 +451,32 @@ def _consume(session: Session, requests: Sequence[SignedRequest], action: str,
                                        for s in requests], at)
 
 
+def verify_stored(session: Session, settings: Settings, requests: Sequence[SignedRequest],
+                  action: str, params: Mapping[str, Any]) -> None:
+    """Verify signed requests kept with a record as the proof that it was authorised (a
+    registration made under dual control): for this action, these parameters and this
+    installation, each signer's enrolment verifying back to the anchor, its role allowed, its
+    signature good, and two security officers where the action needs them. Freshness and
+    nonces do not apply to a stored proof, and a signer disabled since keeps what it signed.
+
+    Raises:
+        RequestError: the requests do not match, a signature or an enrolment does not verify,
+            or dual control does not hold.
+        AccessDenied: a signer's role may not perform the action.
+    """
+    rules.check_matches(requests, action, request.params_digest(params), _installation(session))
+    verify = _Verifier(session, settings)
+    roles = {}
+    for signed in requests:
+        who = verify(signed.request.principal)
+        if not may(who.role, action):
+            raise AccessDenied(who.name, who.role, action, "role not permitted")
+        rules.verify_signature(signed, who.public_pem)
+        roles[who.name] = who.role
+    if action in DUAL_CONTROL:
+        rules.check_dual_control(roles, action)
+
+
 def _detail(action: str, digest: str, requests: Sequence[SignedRequest]) -> dict[str, Any]:
     return {"action": action, "params_digest": digest, "requests": [
         {"principal": s.request.principal, "nonce": s.request.nonce,

@@ -179,7 +179,7 @@ def prepare_chunk(workers: HsmWorkers, engine: Engine, settings: Settings, actor
     meters = []
     events: list[dict[str, Any]] = []
     items = _load(engine, meter_ids)
-    anchors = _factory_cas(engine, items)
+    anchors = _factory_cas(engine, settings, items)
     for item in items:
         reason = rules.refusal(item.view)
         if reason is None and (reason := _untrusted(item, anchors, now)) is not None:
@@ -199,12 +199,13 @@ def prepare_chunk(workers: HsmWorkers, engine: Engine, settings: Settings, actor
     return orders, report
 
 
-def _factory_cas(engine: Engine, items: Sequence[_Meter]) -> dict[int, trust.Anchors]:
-    """The factory CAs of the vendors of the suite 1/2 meters that the audit trail attests
-    (a row planted by SQL is refused: ``pki.steps.factory_anchors``)."""
+def _factory_cas(engine: Engine, settings: Settings,
+                 items: Sequence[_Meter]) -> dict[int, trust.Anchors]:
+    """The factory CAs of the vendors of the suite 1/2 meters that their signed registration
+    and the audit trail attest (a row planted by SQL is refused: ``pki.steps.factory_anchors``)."""
     vendor_ids = sorted({m.meter.vendor_id for m in items
                          if SUITES[m.meter.suite].needs_certificate})
-    return pki_steps.factory_anchors(engine, vendor_ids)
+    return pki_steps.factory_anchors(engine, settings, vendor_ids)
 
 
 def _untrusted(item: _Meter, anchors: dict[int, trust.Anchors], now: datetime) -> str | None:

@@ -33,6 +33,9 @@ class VendorCa(SQLModel, table=True):
     not_after: datetime
     der: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     added_at: datetime = Field(default_factory=utcnow)
+    # The registration as two security officers signed it: canonical JSON of the PEM they
+    # signed and their signed requests (``lifecycle.pki.steps.add_vendor_ca``).
+    registration: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
 def add_vendor_ca(session: Session, record: VendorCa) -> VendorCa:

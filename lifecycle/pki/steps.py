@@ -23,14 +23,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from lifecycle import policy
+from lifecycle import policy, principals
 from lifecycle.audit import trail
 from lifecycle.audit.chain import Actor
 from lifecycle.config import Settings
-from lifecycle.errors import InventoryError, PkiError
+from lifecycle.errors import AccessDenied, InventoryError, PkiError, RequestError
 from lifecycle.hsm.connection import Hsm
 from lifecycle.hsm.keyring import KeyPin
 from lifecycle.hsm.pool import HsmWorkers
+from lifecycle.identity import request
+from lifecycle.identity.request import SignedRequest
 from lifecycle.inventory import certificates, hsm_keys, vendor_cas, vendors
 from lifecycle.inventory.certificates import CaCertificate, Crl
 from lifecycle.inventory.db import Engine, Session, transaction
@@ -385,9 +387,14 @@ def ca_list(engine: Engine) -> list[CaCertificate]:
 
 
 # --- manufacturers' factory CAs -----------------------------------------------------------------
-def add_vendor_ca(engine: Engine, actor: Actor, vendor: str, pem: str, at: datetime) -> str:
+def add_vendor_ca(engine: Engine, actor: Actor, vendor: str, pem: str, at: datetime, *,
+                  requests: Sequence[SignedRequest]) -> str:
     """Register a vendor's factory CA certificate (checked: ``trust.check_factory_ca``) and audit
     it; return its subject.
+
+    ``requests`` are the two security officers' signed requests for ``vendor.add-ca`` on
+    ``{"name": vendor, "certificate_pem": pem}`` that were accepted for ``actor``; the row keeps
+    them with the PEM, so that it proves its own registration (``factory_anchors``).
 
     Raises:
         PkiError: not a PEM certificate, or not fit (not a CA, wrong key, not valid now).
@@ -409,7 +416,9 @@ def add_vendor_ca(engine: Engine, actor: Actor, vendor: str, pem: str, at: datet
         vendor_cas.add_vendor_ca(db, vendor_cas.VendorCa(
             vendor_id=record.id, fingerprint=fingerprint, subject=subject,
             curve=curve_of(public), not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc, der=der))
+            not_after=cert.not_valid_after_utc, der=der,
+            registration=request.canonical({"certificate_pem": pem,
+                                            "requests": request.encode(requests)})))
         trail.record(db, actor, trust.REGISTRATION, "ok", at=at, detail={
             "vendor": vendor, "subject": subject, "curve": curve_of(public),
             "sha256_prefix": fingerprint[:trust.PREFIX],
@@ -417,9 +426,9 @@ def add_vendor_ca(engine: Engine, actor: Actor, vendor: str, pem: str, at: datet
     return subject
 
 
-def factory_cas(engine: Engine, vendor: str) -> list[bytes]:
-    """Return the DER of a vendor's registered factory CA certificates that the audit trail
-    attests (``factory_anchors``; for ``trust``).
+def factory_cas(engine: Engine, settings: Settings, vendor: str) -> list[bytes]:
+    """Return the DER of a vendor's registered factory CA certificates that their registration
+    and the audit trail attest (``factory_anchors``; for ``trust``).
 
     Raises:
         InventoryError: unknown vendor.
@@ -427,32 +436,62 @@ def factory_cas(engine: Engine, vendor: str) -> list[bytes]:
     with transaction(engine) as db:
         record = vendors.get_vendor(db, vendor)
         assert record.id is not None
-    return list(factory_anchors(engine, [record.id])[record.id].trusted)
+    return list(factory_anchors(engine, settings, [record.id])[record.id].trusted)
 
 
-def factory_anchors(engine: Engine, vendor_ids: Sequence[int]) -> dict[int, trust.Anchors]:
-    """Return, by vendor id, the vendors' factory CA certificates that the audit trail attests
-    and the rows it refuses with why (``trust.check_registered``): a row planted by SQL, moved
-    to another vendor or altered is never an anchor."""
+def factory_anchors(engine: Engine, settings: Settings,
+                    vendor_ids: Sequence[int]) -> dict[int, trust.Anchors]:
+    """Return, by vendor id, the vendors' factory CA certificates that are attested, and the
+    rows that are not with why: a row counts only when the two security officers' signed
+    requests it keeps verify (``principals.verify_stored``: back to the anchor, for this
+    vendor and exactly this certificate) and the audit trail registered it
+    (``trust.check_registered``). A row planted, moved to another vendor or altered by SQL is
+    never an anchor."""
     with transaction(engine) as db:
         rows = vendor_cas.named_vendor_cas(db, vendor_ids)
         registered = vendor_cas.registrations(db, trust.REGISTRATION)
-    return {v: trust.anchors([_registered(name, row) for name, row in rows
+        checked = [_registered(db, settings, name, row) for name, row in rows]
+    return {v: trust.anchors([c for (_, row), c in zip(rows, checked, strict=True)
                               if row.vendor_id == v], registered) for v in vendor_ids}
 
 
-def verify_vendor_cas(engine: Engine) -> list[str]:
-    """Check every factory CA row against the audit trail; return one problem line per row it
-    does not attest and per registration whose row is gone (none: all agree). For ``audit
-    verify``."""
+def verify_vendor_cas(engine: Engine, settings: Settings) -> list[str]:
+    """Check every factory CA row against its signed registration and the audit trail; return
+    one problem line per row not attested and per registration whose row is gone (none: all
+    agree). For ``audit verify``."""
     with transaction(engine) as db:
         rows = vendor_cas.named_vendor_cas(db)
         registered = vendor_cas.registrations(db, trust.REGISTRATION)
-    return trust.unregistered([_registered(name, row) for name, row in rows], registered)
+        checked = [_registered(db, settings, name, row) for name, row in rows]
+    return trust.unregistered(checked, registered)
 
 
-def _registered(vendor: str, row: vendor_cas.VendorCa) -> trust.RegisteredCa:
-    return trust.RegisteredCa(vendor, row.fingerprint, row.subject, bytes(row.der))
+def _registered(db: Session, settings: Settings, vendor: str,
+                row: vendor_cas.VendorCa) -> trust.RegisteredCa:
+    return trust.RegisteredCa(vendor, row.fingerprint, row.subject, bytes(row.der),
+                              _unsigned(db, settings, vendor, row))
+
+
+def _unsigned(db: Session, settings: Settings, vendor: str,
+              row: vendor_cas.VendorCa) -> str | None:
+    """Why a row's registration does not prove it (None: the officers' requests verify)."""
+    if row.registration is None:
+        return "it keeps no signed registration (register it again with vendor add-ca)"
+    try:
+        kept = json.loads(row.registration)
+        pem, requests = str(kept["certificate_pem"]), request.decode(str(kept["requests"]))
+        der = x509.load_pem_x509_certificate(pem.encode("ascii")).public_bytes(
+            serialization.Encoding.DER)
+    except (ValueError, KeyError, TypeError, RequestError):
+        return "its signed registration is malformed"
+    if der != bytes(row.der):
+        return "its certificate is not the one the officers signed"
+    try:
+        principals.verify_stored(db, settings, requests, trust.REGISTRATION,
+                                 {"name": vendor, "certificate_pem": pem})
+    except (RequestError, AccessDenied) as exc:
+        return f"its signed registration does not verify: {exc}"
+    return None
 
 
 __all__ = ["ISSUE_CHUNK", "IssuedCrl", "Verdict", "audited", "ca_list", "check_certificate",

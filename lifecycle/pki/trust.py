@@ -165,6 +165,7 @@ class RegisteredCa:
     fingerprint: str
     subject: str
     der: bytes
+    unsigned: str | None = None  # why its signed registration does not prove it (None: it does)
 
     @property
     def what(self) -> str:
@@ -174,7 +175,8 @@ class RegisteredCa:
 
 
 def check_registered(row: RegisteredCa, registrations: Sequence[Mapping[str, Any]]) -> None:
-    """Accept a factory CA row only if a registration event of the audit trail names it.
+    """Accept a factory CA row only if its signed registration proves it (``row.unsigned`` is
+    None) and a registration event of the audit trail names it.
 
     ``registrations`` are the details of the trail's successful ``vendor.add-ca`` events. The
     row's certificate must hash to its fingerprint column and carry its subject column, and an
@@ -183,6 +185,8 @@ def check_registered(row: RegisteredCa, registrations: Sequence[Mapping[str, Any
     Raises:
         PkiError: naming the row (fingerprint prefix of its DER, vendor) and what is wrong.
     """
+    if row.unsigned is not None:
+        raise PkiError(row.what, row.unsigned)
     digest = hashlib.sha256(row.der).hexdigest()
     if digest != row.fingerprint:
         raise PkiError(row.what, f"its fingerprint column ({row.fingerprint[:PREFIX]}…) is "

@@ -32,8 +32,11 @@ def register_factory_cas(fleet, vendor: str, suites: Sequence[int] = (1, 2)) -> 
     """Register a simulated manufacturer's factory CA certificates (dual control)."""
     for suite in suites:
         pem = fleet.makers[vendor].factory_ca_pem(suite)
-        actor = officers(fleet, "vendor.add-ca", {"name": vendor, "certificate_pem": pem})
-        pki_steps.add_vendor_ca(fleet.engine, actor, vendor, pem, utcnow())
+        params = {"name": vendor, "certificate_pem": pem}
+        signed = [fleet.ids.sign(who, "vendor.add-ca", params) for who in (ROOT, SECOND)]
+        actor = principals.authorize(fleet.engine, fleet.settings, signed, "vendor.add-ca",
+                                     params, at=utcnow())
+        pki_steps.add_vendor_ca(fleet.engine, actor, vendor, pem, utcnow(), requests=signed)
 
 
 class ClaimFleet:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import json
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -50,6 +51,7 @@ from lifecycle.inventory import db
 from lifecycle.pki import steps as pki_steps
 from lifecycle.policy import KeyId
 from tests.attackers import allowed_mechanisms_mapper, pin_holder_session
+from tests.identities import ROOT
 from tests.integration.claim.test_claim import CLAIMED, FACTORY, key_states, meter_state
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -154,10 +156,63 @@ def test_a_a_planted_factory_ca_and_b_a_swapped_certificate_are_refused(claim_fl
         assert [e.outcome for e in _events(cf, "claim.prepare", meter.serial)] == ["refused"]
     detail = _events(cf, "claim.prepare", planted.serial)[0].detail
     assert fingerprint[:16] in detail and fingerprint not in detail  # the trail takes a prefix
-    problems = pki_steps.verify_vendor_cas(cf.engine)
+    problems = pki_steps.verify_vendor_cas(cf.engine, cf.settings)
     assert len(problems) == 1 and fingerprint[:16] in problems[0] and "acme" in problems[0]
-    assert der not in pki_steps.factory_cas(cf.engine, "acme")
+    assert der not in pki_steps.factory_cas(cf.engine, cf.settings, "acme")
 
+
+
+def _append_forged_event(cf, action: str, detail: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    """Append an event to the audit chain as its documented rule says (SHA-256 of the previous
+    hash and the canonical JSON of the fields), and move the head: plain SQL and hashlib."""
+    seq, prev = _sql(cf, "SELECT seq, hash FROM audit_head WHERE id = 1")[0]
+    at = dt.datetime.now(dt.UTC)
+    text_detail = json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    fields = {"seq": seq + 1, "at": at.isoformat(timespec="microseconds"),
+              "principal": ROOT, "role": "security-officer", "action": action,
+              "outcome": "ok", "meter_serial": None, "batch_id": None, "key_version_id": None,
+              "flow_run_id": None, "detail": text_detail}
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(prev.encode("ascii") + body.encode("utf-8")).hexdigest()
+    _sql(cf, "INSERT INTO audit_event (seq, at, principal, role, action, outcome, detail, "
+             "prev_hash, hash) VALUES (:q, :at, :p, 'security-officer', :a, 'ok', :d, :ph, :h)",
+         q=seq + 1, at=at.replace(tzinfo=None), p=ROOT, a=action, d=text_detail, ph=prev,
+         h=digest)
+    _sql(cf, "UPDATE audit_head SET seq = :q, hash = :h WHERE id = 1", q=seq + 1, h=digest)
+
+
+def test_a2_a_planted_factory_ca_with_a_forged_registration_event_is_refused(claim_fleet) -> None:  # type: ignore[no-untyped-def]
+    # The attacker also appends a matching vendor.add-ca event to the audit chain (after the
+    # last checkpoint, the chain alone protects it) and copies a genuine row's signed
+    # registration: the officers' signatures are over another certificate.
+    cf = claim_fleet
+    planted, genuine = _of_suite(cf, 1)[:2]
+    issuer = x509.load_der_x509_certificate(base64.b64decode(planted.factory_certificate)).issuer
+    ca_key, ca = _attacker_ca(issuer)
+    der = ca.public_bytes(serialization.Encoding.DER)
+    fingerprint = hashlib.sha256(der).hexdigest()
+    naive = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    registration = _sql(cf, "SELECT registration FROM vendor_ca WHERE subject = :s",
+                        s=issuer.rfc4514_string())[0][0]
+    _sql(cf, "INSERT INTO vendor_ca (vendor_id, fingerprint, subject, curve, not_before, "
+             "not_after, der, added_at, registration) SELECT id, :f, :s, 'P-256', :b, :a, :d, "
+             ":b, :r FROM vendor WHERE name = 'acme'", f=fingerprint,
+         s=ca.subject.rfc4514_string(), b=naive - dt.timedelta(days=1),
+         a=naive + dt.timedelta(days=3650), d=der, r=registration)
+    _append_forged_event(cf, "vendor.add-ca", {
+        "vendor": "acme", "subject": ca.subject.rfc4514_string(), "curve": "P-256",
+        "sha256_prefix": fingerprint[:16], "not_after": ca.not_valid_after_utc.isoformat()})
+    forged = _meter_certificate(ca_key, ca, planted.serial, planted.system_title)
+    _sql(cf, "UPDATE meter SET factory_certificate = :c WHERE serial = :s",
+         c=base64.b64encode(forged).decode("ascii"), s=planted.serial)
+
+    _, orders, report = _prepare(cf, [planted.serial, genuine.serial])
+    assert {o.meter_serial for o in orders} == {genuine.serial}, report.failed
+    reason = report.failed[planted.serial]
+    assert "not the one the officers signed" in reason and fingerprint[:16] in reason, reason
+    assert key_states(cf.engine, planted.serial) == {(int(k), 1): "active" for k in KeyId}
+    problems = pki_steps.verify_vendor_cas(cf.engine, cf.settings)
+    assert len(problems) == 1 and "not the one the officers signed" in problems[0], problems
 
 # --- C, D: replayed outcomes ----------------------------------------------------------------------
 def _claimed(cf, serial: str) -> tuple[HsmWorkers, list[Any]]:  # type: ignore[no-untyped-def]

@@ -76,7 +76,7 @@ def test_ceremony_export_revoke_crl_and_add_ca(fleet, run, tmp_path: Path) -> No
     approved = run("test-so-2", "approve", _request_id(add.output), "--yes")
     assert approved.exit_code == 0, approved.output
     assert "registered for vendor acme" in " ".join(approved.output.split())
-    assert len(steps.factory_cas(fleet.engine, "acme")) == 1
+    assert len(steps.factory_cas(fleet.engine, fleet.settings, "acme")) == 1
 
 
 def _actor():  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from lifecycle.errors import AccessDenied, FactoryTrustError, InventoryError, Pk
 from lifecycle.pki import steps, trust
 from tests.identities import ROOT
 
-from .conftest import officers_authorize
+from .conftest import register_ca
 
 
 def test_factory_cas_are_registered_by_two_officers_and_verify_a_batch(  # type: ignore[no-untyped-def]
@@ -28,18 +28,17 @@ def test_factory_cas_are_registered_by_two_officers_and_verify_a_batch(  # type:
         principals.authorize(fleet.engine, fleet.settings,
                              [fleet.ids.sign(ROOT, "vendor.add-ca", params)], "vendor.add-ca",
                              params, at=utcnow())
-    actor = officers_authorize(fleet, "vendor.add-ca", params)
-    assert "factory CA suite 1" in steps.add_vendor_ca(fleet.engine, actor, "acme", pem,
-                                                       utcnow())
+    assert "factory CA suite 1" in register_ca(fleet, "acme", pem)
     with pytest.raises(InventoryError, match="registered already"):
-        steps.add_vendor_ca(fleet.engine, actor, "borealis", pem, utcnow())
+        register_ca(fleet, "borealis", pem)
     with pytest.raises(PkiError, match="PEM"):
-        steps.add_vendor_ca(fleet.engine, actor, "acme", "not a certificate", utcnow())
-    steps.add_vendor_ca(fleet.engine, actor, "acme", maker.factory_ca_pem(2), utcnow())
+        register_ca(fleet, "acme", "not a certificate")
+    register_ca(fleet, "acme", maker.factory_ca_pem(2))
 
     files = fleet.batch("acme", tmp_path, 6, suites=(1, 2))
-    anchors = steps.factory_cas(fleet.engine, "acme")
-    assert len(anchors) == 2 and steps.factory_cas(fleet.engine, "borealis") == []
+    anchors = steps.factory_cas(fleet.engine, fleet.settings, "acme")
+    assert len(anchors) == 2 and steps.factory_cas(fleet.engine, fleet.settings,
+                                                   "borealis") == []
     rows = _rows(files.secrets)
     certs = _certificates(files.data)
     for row in rows:
@@ -49,7 +48,8 @@ def test_factory_cas_are_registered_by_two_officers_and_verify_a_batch(  # type:
     with pytest.raises(FactoryTrustError, match=row["serial"]):
         trust.verify_factory_certificate(row["serial"], row["system_title"], row["suite"],
                                          certs[row["serial"]],
-                                         steps.factory_cas(fleet.engine, "borealis"), utcnow())
+                                         steps.factory_cas(fleet.engine, fleet.settings,
+                                                           "borealis"), utcnow())
 
 
 def _rows(secrets: Path) -> list[dict]:  # type: ignore[type-arg]
@@ -71,18 +71,17 @@ def test_a_factory_ca_row_counts_only_as_the_trail_registered_it(fleet) -> None:
 
     maker = fleet.makers["acme"]
     for suite in (1, 2):
-        pem = maker.factory_ca_pem(suite)
-        actor = officers_authorize(fleet, "vendor.add-ca", {"name": "acme",
-                                                            "certificate_pem": pem})
-        steps.add_vendor_ca(fleet.engine, actor, "acme", pem, utcnow())
-    assert steps.verify_vendor_cas(fleet.engine) == []
+        register_ca(fleet, "acme", maker.factory_ca_pem(suite))
+    assert steps.verify_vendor_cas(fleet.engine, fleet.settings) == []
     with db.transaction(fleet.engine) as session:  # the attacker moves one row, deletes one
         session.execute(text("UPDATE vendor_ca SET vendor_id = (SELECT id FROM vendor WHERE "
                              "name = 'borealis') WHERE subject LIKE '%suite 2%'"))
         session.execute(text("DELETE FROM vendor_ca WHERE subject LIKE '%suite 1%'"))
-    assert steps.factory_cas(fleet.engine, "acme") == []
-    assert steps.factory_cas(fleet.engine, "borealis") == []
-    problems = steps.verify_vendor_cas(fleet.engine)
+    assert steps.factory_cas(fleet.engine, fleet.settings, "acme") == []
+    assert steps.factory_cas(fleet.engine, fleet.settings, "borealis") == []
+    problems = steps.verify_vendor_cas(fleet.engine, fleet.settings)
     assert len(problems) == 3, problems  # moved (2: refused for borealis, gone for acme), deleted
-    assert any("of borealis" in p and "registered it for acme" in p for p in problems)
+    # The officers signed it for acme: moved to borealis, its registration no longer verifies.
+    assert any("of borealis" in p and "parameters differ from what was signed" in p
+               for p in problems), problems
     assert sum("no vendor_ca row holds it" in p and "of acme" in p for p in problems) == 2
