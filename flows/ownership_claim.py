@@ -42,18 +42,21 @@ def ownership_claim(batch_id: int | None = None, vendor: str | None = None,
         # quote(): the pool, the HES and the orders pass to the tasks as they are (Prefect
         # would otherwise walk them for futures).
         pool_q, hes_q = quote(pool), quote(hes)
+        # The chunks' id lists too: walking hundreds of ids per task call for futures costs
+        # Prefect about a tenth of the claim's own time.
         for chunk in chunks:
-            orders, prepared = t.prepare_chunk(pool_q, chunk, actor)  # type: ignore[call-overload]
+            ids = quote(chunk)
+            orders, prepared = t.prepare_chunk(pool_q, ids, actor)  # type: ignore[call-overload]
             report.merge(prepared)
             t.submit_orders(hes_q, quote(orders), actor)  # type: ignore[call-overload]
             outcomes = t.collect_outcomes(  # type: ignore[call-overload]
-                hes_q, [o.order_id for o in orders], wait_seconds)
+                hes_q, quote([o.order_id for o in orders]), wait_seconds)
             report.merge(t.settle_outcomes(pool_q, quote(outcomes), actor))  # type: ignore[call-overload]
-            report.merge(t.recover_meters(pool_q, hes_q, chunk, actor))  # type: ignore[call-overload]
+            report.merge(t.recover_meters(pool_q, hes_q, ids, actor))  # type: ignore[call-overload]
         # Certificates once the keys are the DSO's: also for meters claimed by a run that
         # stopped before certifying them.
         for chunk in t.select_uncertified(batch_id, vendor, serials):
-            report.merge(t.certify_meters(pool_q, hes_q, chunk, actor))  # type: ignore[call-overload]
+            report.merge(t.certify_meters(pool_q, hes_q, quote(chunk), actor))  # type: ignore[call-overload]
     t.finish_claim(report, actor)
     t.publish_report(report)
     return report.summary()

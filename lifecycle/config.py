@@ -92,6 +92,10 @@ class Settings(BaseSettings):
                                         "folder) or simulated:<dir> (the simulator's HES)")
     claim_chunk_size: int = Field(default=500, ge=1, le=20000, description="meters per chunk "
                                   "of an ownership claim (one HSM job and one transaction)")
+    certify_chunk_size: int = Field(default=2000, ge=1, le=20000, description="claimed meters "
+                                    "per chunk of the claim's certification (their requests "
+                                    "checked and certificates issued over the HSM workers, "
+                                    "recorded in one transaction)")
     dso_name: str = Field(default="meterkeys DSO", min_length=1, max_length=64,
                           description="the DSO's name: O= of every certificate it issues")
     pki_crl_base_url: str = Field(default="http://pki.invalid/crl/", description="where CRLs "

@@ -87,11 +87,12 @@ def recover_meters(workers: HsmWorkers, hes: Hes, meter_ids: list[int],
 @task(name="select-uncertified", persist_result=False, cache_policy=NO_CACHE)
 def select_uncertified(batch_id: int | None, vendor: str | None,
                        serials: list[str] | None) -> list[list[int]]:
-    """Select the claimed suite 1/2 meters whose certificates were never delivered, in chunks."""
+    """Select the claimed suite 1/2 meters whose certificates were never delivered, in chunks
+    of ``certify_chunk_size``."""
     selection = steps.Selection(batch_id, vendor, tuple(serials or ()))
     ids = certification.select_uncertified(context.engine(), selection)
     get_run_logger().info("%d claimed meters to certify", len(ids))
-    return steps.chunked(ids, context.settings().claim_chunk_size)
+    return steps.chunked(ids, context.settings().certify_chunk_size)
 
 
 @task(name="certify-meters", persist_result=False, cache_policy=NO_CACHE, retries=3,

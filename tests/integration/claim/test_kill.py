@@ -49,6 +49,7 @@ def _env(cf) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
     env = dict(os.environ)
     env.update({"METERKEYS_DATABASE_URL": cf.fleet.db_url, "METERKEYS_CLAIM_CHUNK_SIZE": "2",
+                "METERKEYS_CERTIFY_CHUNK_SIZE": "2",
                 "METERKEYS_HES": f"simulated:{cf.hes_dir}",
                 "PREFECT_API_URL": str(PREFECT_API_URL.value()),
                 "PYTHONPATH": str(Path(__file__).resolve().parents[3])})
