@@ -69,6 +69,14 @@ def test_ceremony_export_revoke_crl_and_add_ca(fleet, run, tmp_path: Path) -> No
     assert exported.exit_code == 0, exported.output
     assert (tmp_path / "out" / "device-p256-1.crl.pem").read_bytes().startswith(
         b"-----BEGIN X509 CRL-----")
+    (tmp_path / "field.der").write_bytes(cert.der)  # the revoked device certificate, as DER
+    checked = run("test-auditor", "pki", "check", str(tmp_path / "field.der"))
+    assert checked.exit_code == 1 and checked.output.startswith("revoked"), checked.output
+    ca = run("test-auditor", "pki", "check", str(tmp_path / "out" / "device-p256-1.pem"))
+    assert ca.exit_code == 0 and ca.output.startswith("ca"), ca.output
+    (tmp_path / "junk.pem").write_text("-----BEGIN CERTIFICATE-----\nnope\n", encoding="ascii")
+    junk = run("test-auditor", "pki", "check", str(tmp_path / "junk.pem"))
+    assert junk.exit_code != 0 and "not an X.509 certificate" in junk.output, junk.output
 
     pem = tmp_path / "acme-ca.pem"
     pem.write_text(fleet.makers["acme"].factory_ca_pem(1), encoding="ascii")
