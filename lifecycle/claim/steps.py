@@ -453,6 +453,7 @@ def _evidence(workers: HsmWorkers, settings: Settings,
     expected = first or {}
     pins = keyring.trusted_pins()
     out: dict[str, tuple[Evidence, int | None, str]] = {}
+    unbound: dict[str, str] = {}  # a blob refused by its MAC stays in the record, proof or not
     rounds = [lambda key: expected.get(key, Evidence.PENDING),
               lambda key: Evidence.ACTIVE if expected.get(key, Evidence.PENDING)
               == Evidence.PENDING else Evidence.PENDING]
@@ -473,8 +474,10 @@ def _evidence(workers: HsmWorkers, settings: Settings,
         verdicts: list[ProofVerdict] = _spread(workers, lambda part: workers.submit(
             run_proof_checks, ProofJob(part, pins)), checks)
         for (key, evidence), verdict in zip(index, verdicts, strict=True):
+            if not verdict.bound:
+                unbound[key] = verdict.reason
             if verdict.proven:
-                out[key] = (evidence, verdict.invocation_counter, "")
+                out[key] = (evidence, verdict.invocation_counter, unbound.get(key, ""))
             elif key not in out:
                 out[key] = (Evidence.NONE, None, verdict.reason)
     return out
@@ -577,7 +580,8 @@ def _apply(work: _Pass, judged: _Judged, item: _Meter | None, report: Report,
             report.claimed.append(item.meter.serial)
     elif judged.verdict == Verdict.FACTORY:
         report.failed[item.meter.serial] = "the meter proves its factory GUEK: it did not " \
-                                           "take the new keys"
+                                           "take the new keys" + \
+                                           (f" ({judged.reason})" if judged.reason else "")
     elif judged.verdict == Verdict.UNPROVEN:
         report.waiting[item.meter.serial] = f"{judged.hes_status}, no proof: {judged.reason}"
 

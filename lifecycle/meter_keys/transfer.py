@@ -177,6 +177,7 @@ class ProofVerdict:
     proven: bool
     invocation_counter: int | None
     reason: str = ""
+    bound: bool = True  # False: the GUEK blob's binding MAC failed (swapped or planted)
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,8 @@ def _check(hs: HsmSession, settings: Settings, check: ProofCheck) -> ProofVerdic
     if not hs.verify_mac(settings.blob_mac_label, [message(context, check.guek_blob)],
                          [check.guek_mac])[0]:
         return ProofVerdict(check.serial, False, answer.invocation_counter,
-                            f"GUEK version {check.guek_version} blob is not bound to the meter")
+                            f"GUEK version {check.guek_version} blob is not bound to the meter",
+                            bound=False)
     if not dlms_ops.gcm_ciphertexts_match(hs, label, [CiphertextCheck(
             check.guek_blob, answer.iv, check.challenge, answer.ciphertext)])[0]:
         return ProofVerdict(check.serial, False, answer.invocation_counter,

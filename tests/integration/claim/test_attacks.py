@@ -303,6 +303,9 @@ def test_e_a_planted_pending_guek_or_master_key_is_refused(claim_fleet) -> None:
     # counts for the factory GUEK only: what the meter really holds.
     verdicts = [e.detail for e in _events(cf, "claim.outcome", liar)]
     assert any('"verdict":"factory"' in d for d in verdicts), verdicts
+    # The planted blob itself is on record: the factory verdict names the refused binding.
+    assert any('"verdict":"factory"' in d and "blob is not bound" in d for d in verdicts), \
+        verdicts
 
     # E2. The victim's master key becomes the donor's, a meter the attacker holds and has read
     # the master key of: the new keys would go out wrapped under a key the attacker knows.
