@@ -278,6 +278,26 @@ def test_scheduled_checkpoint_acts_as_the_system_principal(fleet, system_princip
         {(system_principal, principals.SYSTEM)}
 
 
+def test_scheduled_crl_publishing_acts_as_the_system_principal(fleet, system_principal: str,  # type: ignore[no-untyped-def]
+                                                              ) -> None:
+    from flows.pki_crl import publish_crls
+    from lifecycle.pki import ceremony
+
+    params = {"renew": []}
+    signed = [fleet.ids.sign(so, "pki.ceremony", params) for so in ("test-so", "test-so-2")]
+    ceremony.ceremony(fleet.settings, fleet.engine, principals.authorize(
+        fleet.engine, fleet.settings, signed, "pki.ceremony", params, at=utcnow()))
+    run = _scheduled_run(publish_crls)
+    state = Execution(publish_crls, run).result()
+    assert state.is_completed(), state.message
+    assert state.result()["crls_issued"] >= 4  # type: ignore[index]  # the online CAs' first
+    with db.snapshot(fleet.engine) as session:
+        done = [e for e in trail.events(session, limit=50) if e.flow_run_id == str(run.id)]
+    issued = [e for e in done if e.action == "pki.crl.issue"]
+    assert issued and {(e.principal, e.role) for e in issued} == \
+        {(system_principal, principals.SYSTEM)}
+
+
 def test_the_system_principal_may_not_import(fleet, system_principal: str,  # type: ignore[no-untyped-def]
                                              tmp_path: Path) -> None:
     files = fleet.batch("acme", tmp_path, 5)
