@@ -10,6 +10,7 @@ from rich.table import Table
 from cli.common import authorize, console, engine, err_console, fail, reports_errors, settings
 from lifecycle import principals
 from lifecycle.audit import trail
+from lifecycle.claim import steps as claim_steps
 from lifecycle.clock import utcnow
 from lifecycle.errors import AuditError
 from lifecycle.installation import steps
@@ -30,8 +31,9 @@ def verify(
              "key pinned by hsm init"),
 ) -> None:
     """Verify every event, the head and every signed checkpoint against the pinned audit key
-    and the witness, every principal against the anchor and the trail, and every factory CA
-    row against its registration in the trail (exit 2 when broken)."""
+    and the witness, every principal against the anchor and the trail, every factory CA row
+    against its registration, and every stored invocation counter against the trail (exit 2
+    when broken)."""
     actor = authorize("audit.verify")
     pem = public_key.read_text(encoding="ascii") if public_key is not None else None
     try:
@@ -42,6 +44,7 @@ def verify(
         raise fail(exc, EXIT_BROKEN) from None
     problems = principals.verify_all(engine(), settings())
     problems += pki_steps.verify_vendor_cas(engine(), settings())
+    problems += claim_steps.verify_counters(engine())
     if problems:
         steps.note_verification(engine(), actor, "failed", {"events": count,
                                                              "problems": problems[:20]},
@@ -52,8 +55,8 @@ def verify(
     steps.note_verification(engine(), actor, "ok", {"events": count}, utcnow())
     console.print(f"audit trail intact: {count} events verified against the pinned audit key "
                   f"and the witness in {settings().witness_path}; every principal's enrolment "
-                  "verifies back to the trust anchor and agrees with the trail, and so does "
-                  "every registered factory CA")
+                  "verifies back to the trust anchor and agrees with the trail, and so do "
+                  "every registered factory CA and every stored invocation counter")
 
 
 @app.command("list")

@@ -51,7 +51,7 @@ from lifecycle.hes.port import Hes, KeyOrder, Outcome
 from lifecycle.hsm import keyring
 from lifecycle.hsm.connection import Hsm
 from lifecycle.hsm.pool import HsmWorkers
-from lifecycle.inventory import claims
+from lifecycle.inventory import audit_events, claims
 from lifecycle.inventory.db import Engine, transaction
 from lifecycle.inventory.meters import KeyState, MeterState
 from lifecycle.meter_keys.transfer import (
@@ -562,9 +562,12 @@ _OUTCOME = {Verdict.CONFIRM: "ok", Verdict.FACTORY: "refused", Verdict.UNPROVEN:
 
 def _apply(work: _Pass, judged: _Judged, item: _Meter | None, report: Report,
            events: list[dict[str, Any]], now: datetime) -> None:
+    counted = None if judged.verdict in (Verdict.IGNORED, Verdict.REPLAYED) or item is None \
+        else _counted(item, judged)
     detail = {"order": judged.order_id, "hes_status": judged.hes_status,
               "verdict": str(judged.verdict), "evidence": str(judged.evidence),
-              "counter": judged.counter, "reason": judged.reason[:200]}
+              "counter": judged.counter, "guek_version_id": counted,
+              "reason": judged.reason[:200]}
     events.append(_event("claim.outcome", _OUTCOME[judged.verdict], judged.serial, detail))
     if judged.verdict in (Verdict.IGNORED, Verdict.REPLAYED) or item is None:
         return
@@ -586,10 +589,36 @@ def _apply(work: _Pass, judged: _Judged, item: _Meter | None, report: Report,
         report.waiting[item.meter.serial] = f"{judged.hes_status}, no proof: {judged.reason}"
 
 
-def _record_counter(work: _Pass, item: _Meter, judged: _Judged) -> None:
+def _counted(item: _Meter, judged: _Judged) -> int | None:
+    """The GUEK version whose invocation counter this answer sets (None: it sets none)."""
     guek = _guek_of(item, judged.evidence)
-    if guek is not None and judged.counter is not None:
-        work.counters[int(guek.id or 0)] = work.puts[int(guek.id or 0)] = judged.counter
+    return None if guek is None or judged.counter is None else int(guek.id or 0)
+
+
+def _record_counter(work: _Pass, item: _Meter, judged: _Judged) -> None:
+    kv = _counted(item, judged)
+    if kv is not None and judged.counter is not None:
+        work.counters[kv] = work.puts[kv] = judged.counter
+
+
+COUNTER_EVENTS = ("claim.outcome", "claim.recover")
+
+
+def verify_counters(engine: Engine) -> list[str]:
+    """Compare each GUEK version's stored invocation counter with the highest one the audit
+    trail recorded as accepted for it; return one problem line per counter set back or
+    deleted (a database writer re-opening replays). For ``audit verify``."""
+    with transaction(engine) as session:
+        highest: dict[int, int] = {}
+        for _, text in audit_events.details_of(session, COUNTER_EVENTS, any_outcome=True):
+            detail = json.loads(text)
+            kv, ic = detail.get("guek_version_id"), detail.get("counter")
+            if isinstance(kv, int) and isinstance(ic, int):
+                highest[kv] = max(ic, highest.get(kv, ic))
+        stored = claims.last_counters(session, list(highest))
+    return [f"key version {kv}: invocation counter {stored.get(kv, 'missing')} is below "
+            f"{ic}, which the audit trail accepted (set back?)"
+            for kv, ic in sorted(highest.items()) if stored.get(kv, -1) < ic]
 
 
 def _confirm_many(session: Any, items: Sequence[_Meter], events: list[dict[str, Any]],
@@ -659,9 +688,10 @@ def recover(workers: HsmWorkers, hes: Hes, engine: Engine, settings: Settings, a
                 verdict, reason = Verdict.REPLAYED, f"invocation counter {counter} is not " \
                                                     f"above {last}"
             judged = _Judged(serial, verdict, evidence, counter, reason)
+            counted = None if verdict == Verdict.REPLAYED else _counted(item, judged)
             events.append(_event("claim.recover", _OUTCOME[verdict], serial,
                                  {"evidence": str(evidence), "counter": counter,
-                                  "reason": reason[:200]}))
+                                  "guek_version_id": counted, "reason": reason[:200]}))
             if verdict in (Verdict.REPLAYED,):
                 report.waiting[serial] = reason
                 continue

@@ -185,9 +185,12 @@ def recent_events(session: Session, *, limit: int = 50, meter_serial: str | None
     return list(session.execute(stmt).scalars())
 
 
-def details_of(session: Session, actions: Sequence[str]) -> list[tuple[str, str]]:
-    """Return (action, detail text) of every successful event of these actions, oldest first."""
+def details_of(session: Session, actions: Sequence[str], *,
+               any_outcome: bool = False) -> list[tuple[str, str]]:
+    """Return (action, detail text) of every successful event of these actions (of every
+    event with ``any_outcome``), oldest first."""
     stmt = (select(col(AuditEvent.action), col(AuditEvent.detail))
-            .where(col(AuditEvent.action).in_(list(actions)), col(AuditEvent.outcome) == "ok")
-            .order_by(col(AuditEvent.seq)))
+            .where(col(AuditEvent.action).in_(list(actions))).order_by(col(AuditEvent.seq)))
+    if not any_outcome:
+        stmt = stmt.where(col(AuditEvent.outcome) == "ok")
     return [(str(a), str(d)) for a, d in session.execute(stmt).all()]

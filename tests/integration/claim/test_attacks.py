@@ -264,8 +264,11 @@ def test_c_replayed_outcomes_and_d_a_lowered_counter_move_no_key(claim_fleet) ->
     assert report.claimed == [] and report.failed == {}, report
     assert {_outcome_of(cf, serial, o) for o in replayed} <= {"replayed", "ignored"}
     assert key_states(cf.engine, serial) == CLAIMED
-    # D. The same with every invocation counter lowered first.
+    # D. The same with every invocation counter lowered first: audit verify names each.
+    assert steps.verify_counters(cf.engine) == []
     _sql(cf, "UPDATE invocation_counter SET last_ic = 0")
+    lowered = steps.verify_counters(cf.engine)
+    assert lowered and all("is below" in p and "set back" in p for p in lowered), lowered
     report, replayed = _reopen_and_replay(cf, serial, workers, outcomes, attempt=3)
     assert report.claimed == []
     assert key_states(cf.engine, serial) == CLAIMED
