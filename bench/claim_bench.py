@@ -110,30 +110,17 @@ def ceiling(processes: int, n_meters: int, env: dict[str, str], masters: list[di
 
 def setup(home: Path, meters: int, suites: tuple[int, ...]) -> dict[str, Any]:
     """Token, inventory, principals, acme with its factory CAs, an imported batch, the PKI."""
-    from import_bench import enrol_bench_principals, run_flow
+    from import_bench import installation, run_flow
 
     from lifecycle import principals
     from lifecycle.clock import utcnow
-    from lifecycle.config import load_settings
     from lifecycle.factory_import.vendor import ensure_import_key
     from lifecycle.identity import request, signers
     from lifecycle.installation import steps
-    from lifecycle.inventory import vendors
-    from lifecycle.inventory.db import make_engine, migrate, transaction
     from lifecycle.pki import ceremony
     from lifecycle.pki import steps as pki
-    from simulator.manufacturer import Manufacturer
 
-    s = load_settings()
-    engine = make_engine(s.db_url)
-    migrate(engine)
-    steps.init(s, engine, make_pin_files=True)
-    maker = Manufacturer.create(home / "manufacturer", "acme", "P-256")
-    mapping = ROOT / "simulator" / "mappings" / "acme.toml"
-    operator = enrol_bench_principals(s, engine, home / "principals")
-    with transaction(engine) as session:
-        vendors.add_vendor(session, "acme", maker.signing_public_pem(),
-                           mapping.read_text(encoding="utf-8"))
+    s, engine, maker, mapping, operator = installation(home)
     officers = [signers.FileSigner.load(home / "principals" / f"{name}.key.pem", None)
                 for name in ("bench-so", "bench-so-2")]
     for suite in (1, 2):

@@ -80,23 +80,10 @@ def setup(home: Path, meters: int) -> dict[str, Any]:
     """Make a token, an inventory, the acme vendor and a suite-0 batch under ``home``."""
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-    from lifecycle.config import load_settings
     from lifecycle.factory_import.vendor import ensure_import_key, import_key_label
-    from lifecycle.installation import steps
-    from lifecycle.inventory import vendors
-    from lifecycle.inventory.db import make_engine, migrate, transaction
-    from simulator.manufacturer import Manufacturer, wrap_transport_key
+    from simulator.manufacturer import wrap_transport_key
 
-    s = load_settings()
-    engine = make_engine(s.db_url)
-    migrate(engine)
-    steps.init(s, engine, make_pin_files=True)
-    maker = Manufacturer.create(home / "manufacturer", "acme", "P-256")
-    mapping = ROOT / "simulator" / "mappings" / "acme.toml"
-    operator = enrol_bench_principals(s, engine, home / "principals")
-    with transaction(engine) as session:
-        vendors.add_vendor(session, "acme", maker.signing_public_pem(),
-                           mapping.read_text(encoding="utf-8"))
+    s, engine, maker, mapping, operator = installation(home)
     label = import_key_label("acme")
     pem, oaep = ensure_import_key(engine, s, "acme")
     t0 = time.perf_counter()
@@ -109,6 +96,29 @@ def setup(home: Path, meters: int) -> dict[str, Any]:
             "operator": operator, "engine": engine,
             "wrapped_transport": wrap_transport_key(transport, pem.decode(), oaep),
             "probe": aes_key_wrap(transport, secrets.token_bytes(16))}
+
+
+def installation(home: Path) -> tuple[Any, Any, Any, Path, Any]:
+    """A token, a migrated inventory, the bench's principals and the vendor acme under
+    ``home``; return the settings, the engine, acme's simulated manufacturer, its mapping file
+    and the operator's key."""
+    from lifecycle.config import load_settings
+    from lifecycle.installation import steps
+    from lifecycle.inventory import vendors
+    from lifecycle.inventory.db import make_engine, migrate, transaction
+    from simulator.manufacturer import Manufacturer
+
+    s = load_settings()
+    engine = make_engine(s.db_url)
+    migrate(engine)
+    steps.init(s, engine, make_pin_files=True)
+    maker = Manufacturer.create(home / "manufacturer", "acme", "P-256")
+    mapping = ROOT / "simulator" / "mappings" / "acme.toml"
+    operator = enrol_bench_principals(s, engine, home / "principals")
+    with transaction(engine) as session:
+        vendors.add_vendor(session, "acme", maker.signing_public_pem(),
+                           mapping.read_text(encoding="utf-8"))
+    return s, engine, maker, mapping, operator
 
 
 def enrol_bench_principals(s: Any, engine: Any, folder: Path) -> Any:

@@ -235,6 +235,7 @@ class _Verifier:
         self.anchor = anchor.read(settings.witness_path)
         self.installation = _installation(session)
         self.cache: dict[str, rules.Record] = {}
+        self._trail: dict[str, bool] | None = None  # read once per verifier, when first needed
 
     def __call__(self, name: str) -> VerifiedPrincipal:
         if table.get(self.session, name) is None:
@@ -244,7 +245,9 @@ class _Verifier:
         # The row's flag alone is the database's word: a writer could clear it. The trail's
         # last enrol/disable of the name counts too (``audit verify`` holds the trail to the
         # witness).
-        disabled = record.disabled or _trail_state(self.session).get(name) is False
+        if self._trail is None:
+            self._trail = _trail_state(self.session)
+        disabled = record.disabled or self._trail.get(name) is False
         return VerifiedPrincipal(record.name, record.role, str(record.fingerprint),
                                  str(record.public_pem), disabled)
 

@@ -37,3 +37,12 @@ def allowed_mechanisms_mapper() -> Any:
         lambda mechs: b"".join(int(m).to_bytes(8, "little") for m in mechs),
         lambda raw: [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)])
     return mapper
+
+
+@contextlib.contextmanager
+def pin_holder_with_templates(settings: Settings) -> Iterator[Any]:
+    """``pin_holder_session`` (read-write) whose attribute mapper knows
+    CKA_ALLOWED_MECHANISMS: the PIN holder repeating meterkeys' unwrap templates exactly."""
+    with pin_holder_session(settings, rw=True,
+                            attribute_mapper=allowed_mechanisms_mapper()) as session:
+        yield session

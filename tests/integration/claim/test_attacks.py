@@ -50,7 +50,7 @@ from lifecycle.hsm.templates import call_template, master_profile, usage_profile
 from lifecycle.inventory import db
 from lifecycle.pki import steps as pki_steps
 from lifecycle.policy import KeyId
-from tests.attackers import allowed_mechanisms_mapper, pin_holder_session
+from tests.attackers import pin_holder_with_templates
 from tests.identities import ROOT
 from tests.integration.claim.test_claim import CLAIMED, FACTORY, key_states, meter_state
 
@@ -333,8 +333,7 @@ def test_e_a_planted_pending_guek_or_master_key_is_refused(claim_fleet) -> None:
 def attacker(settings) -> Iterator[Any]:  # type: ignore[no-untyped-def]
     """A plain python-pkcs11 session with the user PIN, taught CKA_ALLOWED_MECHANISMS (a
     CK_ULONG array) to repeat meterkeys' unwrap templates exactly."""
-    mapper = allowed_mechanisms_mapper()
-    with pin_holder_session(settings, rw=True, attribute_mapper=mapper) as session:
+    with pin_holder_with_templates(settings) as session:
         yield session
 
 

@@ -29,7 +29,7 @@ from lifecycle.hsm.connection import Hsm
 from lifecycle.hsm.session import HsmSession, SessionKey
 from lifecycle.hsm.templates import call_template, master_profile, transport_profile, usage_profile
 from lifecycle.installation import steps
-from tests.attackers import allowed_mechanisms_mapper, pin_holder_session
+from tests.attackers import pin_holder_with_templates
 
 OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)  # the only OAEP SoftHSM2 2.6.1 has
 KW_IV = bytes.fromhex("A6A6A6A6A6A6A6A6")  # RFC 3394 §2.2.3.1 default initial value
@@ -70,10 +70,7 @@ def stored(hsm: Hsm, settings: Settings) -> Stored:
 @pytest.fixture
 def attacker(settings: Settings) -> Iterator[Any]:
     """A plain python-pkcs11 session on the token, logged in with the user PIN."""
-    # The attacker teaches python-pkcs11 CKA_ALLOWED_MECHANISMS (a CK_ULONG array) too, to repeat
-    # meterkeys' unwrap templates exactly.
-    mapper = allowed_mechanisms_mapper()
-    with pin_holder_session(settings, rw=True, attribute_mapper=mapper) as session:
+    with pin_holder_with_templates(settings) as session:
         yield session
 
 
