@@ -332,8 +332,9 @@ def _commit_attempt(engine: Engine, settings: Settings, actor: Actor,
 
 
 def _reload(session: Any, items: Sequence[_Meter]) -> list[_Meter]:
+    # States only: what the transaction decides on; the blobs were read (and checked) before.
     ids = [int(m.meter.id or 0) for m in items]
-    keys = claims.key_rows_of(session, ids)
+    keys = claims.key_rows_of(session, ids, blobs=False)
     return [_Meter(m, keys[int(m.id or 0)]) for m in claims.meter_rows(session, ids)]
 
 

@@ -17,7 +17,18 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol, cast
 
-from sqlalchemy import BigInteger, Column, LargeBinary, Text, bindparam, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    LargeBinary,
+    Text,
+    bindparam,
+    func,
+    null,
+    select,
+    update,
+)
 from sqlmodel import Field, Session, SQLModel
 
 from lifecycle.clock import utcnow
@@ -28,6 +39,7 @@ from lifecycle.inventory.vendors import Vendor
 
 class ClaimOrder(SQLModel, table=True):
     __tablename__ = "claim_order"
+    __table_args__ = (Index("ix_claim_order_meter_status", "meter_id", "status"),)
     order_id: str = Field(primary_key=True, max_length=32)
     meter_id: int = Field(foreign_key="meter.id", index=True)
     attempt: int
@@ -130,14 +142,17 @@ def meter_rows(session: Session, ids: Sequence[int]) -> list[MeterRow]:
     return cast(list[MeterRow], sorted(out, key=lambda m: m.serial))
 
 
-def key_rows_of(session: Session, meter_ids: Sequence[int]) -> dict[int, list[KeyRow]]:
-    """Return the claim's columns of each meter's key versions, by key id then version."""
+def key_rows_of(session: Session, meter_ids: Sequence[int],
+                blobs: bool = True) -> dict[int, list[KeyRow]]:
+    """Return the claim's columns of each meter's key versions, by key id then version
+    (``blobs=False``: ``blob`` and ``mac`` are None, for a caller that reads only states)."""
     t = KeyVersion.__table__.c
-    stmt = select(t.id, t.meter_id, t.key_id, t.version, t.state, t.blob, t.mac)
+    wrapped = (t.blob, t.mac) if blobs else (null().label("blob"), null().label("mac"))
+    stmt = select(t.id, t.meter_id, t.key_id, t.version, t.state, *wrapped)
     out: dict[int, list[KeyRow]] = {int(i): [] for i in meter_ids}
     for part in _id_slices(meter_ids):
         for key in session.execute(stmt.where(t.meter_id.in_(part)).order_by(
-                t.meter_id, t.key_id, t.version)):
+                t.meter_id, t.key_id, t.version)).all():
             out[key.meter_id].append(cast(KeyRow, key))
     return out
 
@@ -177,27 +192,56 @@ def get_order(session: Session, order_id: str) -> ClaimOrder | None:
     return session.get(ClaimOrder, order_id)
 
 
-def orders_by_id(session: Session, order_ids: Sequence[str]) -> dict[str, ClaimOrder]:
-    """Return the known orders among the given ids."""
-    out: dict[str, ClaimOrder] = {}
+class OrderRow(Protocol):
+    """The columns of an order that the claim reads (a row, as ``MeterRow``)."""
+
+    @property
+    def order_id(self) -> str: ...
+    @property
+    def meter_id(self) -> int: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def hes_status(self) -> str | None: ...
+    @property
+    def key_data(self) -> bytes: ...
+    @property
+    def challenge(self) -> bytes: ...
+
+
+def _order_columns() -> tuple[Any, ...]:
+    t = ClaimOrder.__table__.c
+    return (t.order_id, t.meter_id, t.attempt, t.kind, t.status, t.hes_status, t.key_data,
+            t.challenge)
+
+
+def orders_by_id(session: Session, order_ids: Sequence[str]) -> dict[str, OrderRow]:
+    """Return the known orders among the given ids (rows, not ORM objects: a chunk is
+    thousands of orders, and building objects was most of its cost)."""
+    t = ClaimOrder.__table__.c
+    out: dict[str, OrderRow] = {}
     for part in slices(list(order_ids)):
-        for order in session.execute(select(ClaimOrder).where(
-                ClaimOrder.order_id.in_(part))).scalars():
-            out[order.order_id] = order
+        for order in session.execute(select(*_order_columns()).where(
+                t.order_id.in_(part))).all():
+            out[order.order_id] = cast(OrderRow, order)
     return out
 
 
-def last_orders(session: Session, meter_ids: Sequence[int]) -> dict[int, list[ClaimOrder]]:
-    """Return each meter's orders of its latest attempt."""
-    out: dict[int, list[ClaimOrder]] = {}
+def last_orders(session: Session, meter_ids: Sequence[int]) -> dict[int, list[OrderRow]]:
+    """Return each meter's orders of its latest attempt (rows, as ``orders_by_id``)."""
+    t = ClaimOrder.__table__
+    out: dict[int, list[OrderRow]] = {}
     for part in _id_slices(meter_ids):
-        latest = (select(ClaimOrder.meter_id, func.max(ClaimOrder.attempt).label("attempt"))
-                  .where(ClaimOrder.meter_id.in_(part)).group_by(ClaimOrder.meter_id)
-                  .subquery())
-        stmt = select(ClaimOrder).join(latest, (latest.c.meter_id == ClaimOrder.meter_id)
-                                       & (latest.c.attempt == ClaimOrder.attempt))
-        for order in session.execute(stmt.order_by(ClaimOrder.kind)).scalars():
-            out.setdefault(order.meter_id, []).append(order)
+        latest = (select(t.c.meter_id, func.max(t.c.attempt).label("attempt"))
+                  .where(t.c.meter_id.in_(part)).group_by(t.c.meter_id).subquery())
+        stmt = select(*_order_columns()).join(latest, (latest.c.meter_id == t.c.meter_id)
+                                              & (latest.c.attempt == t.c.attempt))
+        for order in session.execute(stmt.order_by(t.c.kind)).all():
+            out.setdefault(order.meter_id, []).append(cast(OrderRow, order))
     return out
 
 
@@ -215,10 +259,11 @@ def pending_orders(session: Session, meter_ids: Sequence[int] | None = None) -> 
 
 def supersede(session: Session, meter_ids: Sequence[int], at: datetime) -> int:
     """Mark the meters' pending orders superseded (a new attempt replaces them)."""
+    t = ClaimOrder.__table__.c
     done = 0
     for part in _id_slices(meter_ids):
-        result = session.execute(update(ClaimOrder).where(
-            ClaimOrder.meter_id.in_(part), ClaimOrder.status == "pending").values(
+        result = session.execute(update(ClaimOrder.__table__).where(
+            t.meter_id.in_(part), t.status == "pending").values(
             status="superseded", settled_at=at))
         done += int(getattr(result, "rowcount", 0) or 0)
     return done
@@ -294,8 +339,9 @@ def set_key_states(session: Session, changes: Sequence[tuple[int, str, datetime 
             values.update(activated_at=at, expires_at=expires_at)
         if state == KeyState.DESTROYED:
             values.update(blob=b"", mac=None, destroyed_at=at)
-        for part in _id_slices(ids):
-            session.execute(update(KeyVersion).where(KeyVersion.id.in_(part)).values(**values))
+        for part in _id_slices(ids):  # Core, not ORM: no session objects to evaluate
+            session.execute(update(KeyVersion.__table__).where(
+                KeyVersion.__table__.c.id.in_(part)).values(**values))
 
 
 def set_key_state(session: Session, key_version_id: int, state: str, at: datetime,
@@ -317,7 +363,8 @@ def set_meter_state(session: Session, meter_ids: Sequence[int], state: str, at: 
     if access_ended:
         values["manufacturer_access_ended_at"] = at
     for part in _id_slices(meter_ids):
-        session.execute(update(Meter).where(Meter.id.in_(part)).values(**values))
+        session.execute(update(Meter.__table__).where(Meter.__table__.c.id.in_(part))
+                        .values(**values))
 
 
 def count_by_state(session: Session, meter_ids: Sequence[int]) -> dict[str, int]:
