@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from lifecycle.config import Settings
 from lifecycle.dlms import key_transfer
 from lifecycle.dlms.key_transfer import TRANSFER_ORDER, KeyEntry
-from lifecycle.dlms.proof import parse_answer
+from lifecycle.dlms.proof import GloCiphered, parse_answer
 from lifecycle.errors import DlmsError, IntegrityError, ProofRefused
 from lifecycle.hsm import dlms_ops
 from lifecycle.hsm.check import verify_pins
@@ -198,7 +198,7 @@ def run_proof_checks(settings: Settings, job: ProofJob) -> list[ProofVerdict]:
     """
     _verify_once(settings, job.pins)
     with Hsm.open(settings).session() as hs:
-        return [_check(hs, settings, check) for check in job.checks]
+        return _checks(hs, settings, job.checks)
 
 
 def check_proof(settings: Settings, check: ProofCheck) -> int:
@@ -214,22 +214,35 @@ def check_proof(settings: Settings, check: ProofCheck) -> int:
     return verdict.invocation_counter
 
 
-def _check(hs: HsmSession, settings: Settings, check: ProofCheck) -> ProofVerdict:
-    try:
-        answer = parse_answer(check.answer, bytes.fromhex(check.system_title), check.suite,
-                              check.challenge, check.last_counter)
-    except DlmsError as exc:
-        return ProofVerdict(check.serial, False, None, str(exc))
+def _checks(hs: HsmSession, settings: Settings,
+            checks: Sequence[ProofCheck]) -> list[ProofVerdict]:
+    # Three passes, each one HSM call for the whole list (one call per answer cost more than
+    # the HSM work): parse the answers, verify the GUEK blobs' bindings, compare ciphertexts.
+    verdicts: list[ProofVerdict | None] = [None] * len(checks)
+    parsed: list[tuple[int, ProofCheck, GloCiphered]] = []
+    for i, check in enumerate(checks):
+        try:
+            parsed.append((i, check, parse_answer(check.answer, bytes.fromhex(check.system_title),
+                                                  check.suite, check.challenge,
+                                                  check.last_counter)))
+        except DlmsError as exc:
+            verdicts[i] = ProofVerdict(check.serial, False, None, str(exc))
     label = settings.storage_kek_label
-    context = BlobContext(check.serial, check.system_title, KeyId.GUEK, check.guek_version, label)
-    if not hs.verify_mac(settings.blob_mac_label, [message(context, check.guek_blob)],
-                         [check.guek_mac])[0]:
-        return ProofVerdict(check.serial, False, answer.invocation_counter,
-                            f"GUEK version {check.guek_version} blob is not bound to the meter",
-                            bound=False)
-    if not dlms_ops.gcm_ciphertexts_match(hs, label, [CiphertextCheck(
-            check.guek_blob, answer.iv, check.challenge, answer.ciphertext)])[0]:
-        return ProofVerdict(check.serial, False, answer.invocation_counter,
-                            f"answer is not the challenge under GUEK version "
-                            f"{check.guek_version}")
-    return ProofVerdict(check.serial, True, answer.invocation_counter)
+    bound = hs.verify_mac(settings.blob_mac_label, [
+        message(BlobContext(c.serial, c.system_title, KeyId.GUEK, c.guek_version, label),
+                c.guek_blob) for _, c, _ in parsed], [c.guek_mac for _, c, _ in parsed])
+    compare = []
+    for (i, check, answer), ok in zip(parsed, bound, strict=True):
+        if ok:
+            compare.append((i, check, answer))
+        else:
+            verdicts[i] = ProofVerdict(check.serial, False, answer.invocation_counter,
+                                       f"GUEK version {check.guek_version} blob is not bound "
+                                       "to the meter", bound=False)
+    matches = dlms_ops.gcm_ciphertexts_match(hs, label, [
+        CiphertextCheck(c.guek_blob, a.iv, c.challenge, a.ciphertext) for _, c, a in compare])
+    for (i, check, answer), match in zip(compare, matches, strict=True):
+        verdicts[i] = ProofVerdict(check.serial, True, answer.invocation_counter) if match else \
+            ProofVerdict(check.serial, False, answer.invocation_counter,
+                         f"answer is not the challenge under GUEK version {check.guek_version}")
+    return [v for v in verdicts if v is not None]
