@@ -30,7 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from lifecycle.config import Settings, private_umask
-from lifecycle.errors import TransientHsmError
+from lifecycle.errors import PermanentHsmError, TransientHsmError
 
 JobT = TypeVar("JobT")
 ResultT = TypeVar("ResultT")
@@ -74,6 +74,7 @@ class HsmWorkers:
         self.workers = workers
         self._cleanup = cleanup
         self._lock = threading.Lock()
+        self._closed = False
         self._pool: ProcessPoolExecutor | None = self._start() if workers > 0 else None
         self._owner: weakref.WeakKeyDictionary[Future[Any], ProcessPoolExecutor] = \
             weakref.WeakKeyDictionary()
@@ -89,7 +90,14 @@ class HsmWorkers:
             max_tasks_per_child=self.settings.worker_recycle_jobs)
 
     def submit(self, fn: Callable[[Settings, JobT], ResultT], job: JobT) -> Future[ResultT]:
-        """Run ``fn(settings, job)`` on a worker (``fn`` must be a module-level function)."""
+        """Run ``fn(settings, job)`` on a worker (``fn`` must be a module-level function).
+
+        Raises:
+            PermanentHsmError: the pool is closed (a task still running when its flow ended
+                must not start workers again).
+        """
+        if self._closed:
+            raise PermanentHsmError("worker job", "the HSM workers are closed")
         if self.workers == 0:
             done: Future[ResultT] = Future()
             try:
@@ -133,6 +141,7 @@ class HsmWorkers:
 
     def close(self) -> None:
         """Stop the workers; their sessions, and the session keys in them, end with them."""
+        self._closed = True
         if self.workers == 0:
             if self._cleanup is not None:
                 self._cleanup(self.settings)

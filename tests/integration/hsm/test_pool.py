@@ -10,7 +10,7 @@ import psutil
 import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-from lifecycle.errors import KeyNotFound, TransientHsmError
+from lifecycle.errors import KeyNotFound, PermanentHsmError, TransientHsmError
 from lifecycle.factory_import.rewrap import RewrapJob, run_rewrap
 from lifecycle.hsm.pool import HsmWorkers
 from lifecycle.hsm.session import ObjectClass
@@ -126,3 +126,13 @@ def test_a_permanent_error_in_a_worker_is_not_retried_by_prefect(
     with pytest.raises(KeyNotFound):
         state.result()
     assert len(ATTEMPTS) == 1
+
+
+def test_a_closed_pool_starts_no_workers_again(settings, transport) -> None:  # type: ignore[no-untyped-def]
+    # A task still running when its flow has ended (the claim makes the next chunk's keys while
+    # it settles the current one) must fail for good, not bring the workers back.
+    pool = HsmWorkers(settings, 1)
+    pool.close()
+    with pytest.raises(PermanentHsmError, match="workers are closed"):
+        pool.submit(run_rewrap, _job(settings, transport, []))
+    assert _workers() == []
