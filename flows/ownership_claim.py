@@ -44,9 +44,15 @@ def ownership_claim(batch_id: int | None = None, vendor: str | None = None,
         pool_q, hes_q = quote(pool), quote(hes)
         # The chunks' id lists too: walking hundreds of ids per task call for futures costs
         # Prefect about a tenth of the claim's own time.
-        for chunk in chunks:
+        # One chunk ahead: the next chunk's keys are made in the HSM workers while this
+        # process settles the current one, so neither waits for the other.
+        ahead = [t.prepare_chunk.submit(pool_q, quote(c), actor)  # type: ignore[call-overload]
+                 for c in chunks[:1]]
+        for i, chunk in enumerate(chunks):
             ids = quote(chunk)
-            orders, prepared = t.prepare_chunk(pool_q, ids, actor)  # type: ignore[call-overload]
+            ahead += [t.prepare_chunk.submit(pool_q, quote(c), actor)  # type: ignore[call-overload]
+                      for c in chunks[i + 1:i + 2]]
+            orders, prepared = ahead.pop(0).result()
             report.merge(prepared)
             t.submit_orders(hes_q, quote(orders), actor)  # type: ignore[call-overload]
             outcomes = t.collect_outcomes(  # type: ignore[call-overload]
