@@ -7,9 +7,10 @@ atomically after each call that changes them, so a run killed at any point and s
 finds the meters as the last completed call left them (what a real fleet would show: a call cut
 short never reached the meters).
 
-The time spent inside the meters (unwrapping, installing, ciphering proofs) and on the state
-file is counted apart (``meter_seconds``, ``state_seconds``), so a benchmark can leave the
-simulation's own work out.
+The processor time spent inside the meters (unwrapping, installing, ciphering proofs) and on
+the state file is counted apart (``meter_seconds``, ``state_seconds``: CPU seconds of the
+calling thread, so work that other threads do meanwhile is not counted as the simulation's), and
+a benchmark can leave the simulation's own work out.
 """
 
 from __future__ import annotations
@@ -104,12 +105,12 @@ class SimulatedHes:
 
     def save(self) -> None:
         """Write the meters and uncollected outcomes, atomically (mode 0600)."""
-        started = time.perf_counter()
+        started = time.thread_time()
         doc: dict[str, Any] = {"version": STATE_VERSION,
                                "meters": [m.to_state() for m in self.meters.values()],
                                "outcomes": [outcome_line(o) for o in self._pending]}
         write_atomically(self.state_path, json.dumps(doc))
-        self.state_seconds += time.perf_counter() - started
+        self.state_seconds += time.thread_time() - started
 
     def set_mode(self, serial: str, mode: str) -> None:
         """Change a meter's mode and save.
@@ -136,10 +137,10 @@ class SimulatedHes:
         meter = self.meters.get(order.meter_serial)
         if meter is None:
             return self._outcome(order, "failed", None)
-        started = time.perf_counter()
+        started = time.thread_time()
         answer = meter.handle_order(bytes.fromhex(order.system_title), order.key_data,
                                     order.challenge)
-        self.meter_seconds += time.perf_counter() - started
+        self.meter_seconds += time.thread_time() - started
         if answer is None:
             return self._outcome(order, "timeout", None)
         return self._outcome(order, answer.status, answer.proof)
@@ -160,9 +161,9 @@ class SimulatedHes:
         meter = self.meters.get(serial)
         if meter is None or meter.system_title != bytes.fromhex(system_title):
             return None
-        started = time.perf_counter()
+        started = time.thread_time()
         proof = meter.prove(challenge)
-        self.meter_seconds += time.perf_counter() - started
+        self.meter_seconds += time.thread_time() - started
         self.save()
         return proof
 
@@ -170,7 +171,7 @@ class SimulatedHes:
         """Have each known suite 1/2 meter make its two requests (signature, key agreement);
         an unknown meter, another system title or a silent meter gives none."""
         out: CertificateRequests = {}
-        started = time.perf_counter()
+        started = time.thread_time()
         for ref in meters:
             meter = self.meters.get(ref.serial)
             if meter is None or meter.mode == "silent" or \
@@ -181,14 +182,14 @@ class SimulatedHes:
                                    meter.certificate_request("key_agreement"))
             except ValueError:
                 continue
-        self.meter_seconds += time.perf_counter() - started
+        self.meter_seconds += time.thread_time() - started
         self.save()
         return out
 
     def import_certificates(self, orders: Sequence[CertificateOrder]) -> None:
         """Put each order's two certificates on its meter (a meter refuses a certificate for a
         key it does not hold: it keeps what it had)."""
-        started = time.perf_counter()
+        started = time.thread_time()
         for order in orders:
             meter = self.meters.get(order.meter_serial)
             if meter is None:
@@ -198,7 +199,7 @@ class SimulatedHes:
                     meter.import_certificate(der)
                 except ValueError:
                     continue
-        self.meter_seconds += time.perf_counter() - started
+        self.meter_seconds += time.thread_time() - started
         self.save()
 
     # --- the command line's files (meterkeys orders export/confirm) ------------------------------
