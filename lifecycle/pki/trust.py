@@ -25,6 +25,7 @@ too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -121,10 +122,12 @@ def _names_title(cert: x509.Certificate, system_title: str) -> bool:
 
 
 def verify_factory_certificate(meter: str, system_title: str, suite: int, der: bytes,
-                               factory_cas: Sequence[bytes], now: datetime) -> x509.Certificate:
+                               factory_cas: Sequence[bytes | x509.Certificate],
+                               now: datetime) -> x509.Certificate:
     """Verify a meter's factory certificate (rules 1-5 above); return it parsed.
 
-    ``factory_cas`` are the vendor's registered factory CA certificates (DER).
+    ``factory_cas`` are the vendor's registered factory CA certificates (DER, or parsed: a
+    caller verifying many meters parses them once, and each CA's key is loaded once).
 
     Raises:
         FactoryTrustError: naming the meter and the first rule the certificate breaks.
@@ -133,7 +136,8 @@ def verify_factory_certificate(meter: str, system_title: str, suite: int, der: b
     if curve is None:
         raise FactoryTrustError(meter, f"suite {suite} meters carry no factory certificate")
     cert = _load(der, meter)
-    _issuer(cert, [x509.load_der_x509_certificate(ca) for ca in factory_cas], meter, now)
+    _issuer(cert, [x509.load_der_x509_certificate(ca) if isinstance(ca, bytes) else ca
+                   for ca in factory_cas], meter, now)
     if not _valid_at(cert, now):
         state = "expired" if now > cert.not_valid_after_utc else "not yet valid"
         raise FactoryTrustError(meter, f"{state} at {now.isoformat()} (valid "
@@ -220,6 +224,11 @@ class Anchors:
     trusted: tuple[bytes, ...] = ()
     refused: tuple[tuple[bytes, str], ...] = ()
 
+    @functools.cached_property
+    def parsed(self) -> tuple[x509.Certificate, ...]:
+        """The attested CAs, parsed once for all the meters they verify."""
+        return tuple(x509.load_der_x509_certificate(der) for der in self.trusted)
+
     def verify(self, meter: str, system_title: str, suite: int, der: bytes,
                now: datetime) -> x509.Certificate:
         """Verify a meter's factory certificate against the attested CAs only
@@ -230,8 +239,8 @@ class Anchors:
                 names that row and why it is refused.
         """
         try:
-            return verify_factory_certificate(meter, system_title, suite, der, self.trusted,
-                                              now)
+            return verify_factory_certificate(meter, system_title, suite, der,
+                                              self.parsed, now)
         except FactoryTrustError:
             why = self._refused_issuer(der)
             if why is None:
