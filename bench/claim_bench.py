@@ -26,15 +26,21 @@ claim_seconds), certify_seconds and certification_certificates_per_s (the certif
 alone, without the simulated meters' share: the device certificate issuing rate),
 hsm_ceiling_meters_per_s (1 process), hsm_ceiling_workers_meters_per_s (N): each the higher
 of two measurements, before and after the claim (``hsm_ceilings_before_after``: 1 and N
-processes before, then after), ratio (meters_per_s / N-process ceiling).
+processes before, then after), ratio (meters_per_s / N-process ceiling). Then where the
+processor time went: ``cpu_ms_per_meter`` (the flow's process less the simulation, the HSM
+workers, the Prefect server), ``claim_cpu_ms_per_meter`` (their sum), ``hsm_cpu_ms_per_meter``
+(the HSM loop's, the least of its runs) and ``cpu_ratio`` (the second over the first: what the
+ratio could reach if the claim had the cores to itself and kept them busy).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
+import resource
 import sys
 import tempfile
 import threading
@@ -42,13 +48,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _ceiling_worker(args: tuple[dict[str, str], list[dict[str, Any]], int, float, str,
-                                float]) -> tuple[int, float]:
+                                float]) -> tuple[int, float, float]:
     """The claim's HSM work for ``n_meters`` meters in a tight loop, from ``start_at``."""
     env, masters, n_meters, suite1_share, ca_label, start_at = args
     os.environ.update(env)
@@ -66,7 +74,7 @@ def _ceiling_worker(args: tuple[dict[str, str], list[dict[str, Any]], int, float
     with Hsm.open(s).session() as hs:
         while time.time() < start_at:
             time.sleep(0.001)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         done = 0
         while done < n_meters:
             part = [masters[(done + i) % len(masters)] for i in range(chunk)]
@@ -100,18 +108,20 @@ def _ceiling_worker(args: tuple[dict[str, str], list[dict[str, Any]], int, float
                 hs.sign_digests(ca_label, [bytes(32)] * signatures)
             assert len(macs2) == chunk
             done += chunk
-        return done, time.perf_counter() - t0
+        return done, time.perf_counter() - t0, time.process_time() - cpu0
 
 
 def ceiling(processes: int, n_meters: int, env: dict[str, str], masters: list[dict[str, Any]],
-            suite1_share: float, ca_label: str) -> float:
-    """Return meters/s of the raw HSM loop on ``processes`` spawned processes."""
+            suite1_share: float, ca_label: str) -> tuple[float, float]:
+    """Return meters/s of the raw HSM loop on ``processes`` spawned processes, and the CPU
+    milliseconds it took a meter."""
     ctx = multiprocessing.get_context("spawn")
     start_at = time.time() + 3.0
     with ctx.Pool(processes) as pool:
         results = pool.map(_ceiling_worker, [(env, masters, n_meters, suite1_share, ca_label,
                                               start_at)] * processes)
-    return sum(n for n, _ in results) / max(t for _, t in results)
+    done = sum(n for n, _, _ in results)
+    return done / max(t for _, t, _ in results), 1000 * sum(c for _, _, c in results) / done
 
 
 def setup(home: Path, meters: int, suites: tuple[int, ...]) -> dict[str, Any]:
@@ -247,7 +257,10 @@ class QuietHes:
             self._cond.notify_all()
 
 
-def run_claim(ctx: dict[str, Any], hes: Any, workers: int) -> tuple[dict[str, Any], float]:
+def run_claim(ctx: dict[str, Any], hes: Any, workers: int
+              ) -> tuple[dict[str, Any], float, dict[str, float]]:
+    """Run the claim; return its summary, its wall seconds, and the CPU seconds of the flow's
+    process, of the HSM workers and of the Prefect server during it."""
     import tasks.claim
     from flows.ownership_claim import ownership_claim
     from lifecycle import principals
@@ -262,9 +275,30 @@ def run_claim(ctx: dict[str, Any], hes: Any, workers: int) -> tuple[dict[str, An
                               "wait_seconds": 0.0, "workers": workers}
     signed = request.encode([principals.sign(ctx["engine"], ctx["operator"], "meter.claim",
                                              params, at=utcnow())])
+    server = psutil.Process().children(recursive=True)  # the harness's Prefect server
+    before = (time.process_time(), _children_cpu(), _cpu_of(server))
     t0 = time.perf_counter()
     summary = ownership_claim(**params, request=signed)
-    return summary, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    # The workers end with the flow (joined: counted as children); the server is still up.
+    after = (time.process_time(), _children_cpu(), _cpu_of(server))
+    cpu = {name: b - a for name, a, b in zip(("flow", "workers", "prefect_server"), before,
+                                              after, strict=True)}
+    return summary, seconds, cpu
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_of(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def main() -> None:
@@ -292,12 +326,16 @@ def main() -> None:
     masters = masters_of(ctx["engine"], 500)
     share = suites.count(1) / len(suites)
 
+    ceiling_cpu: list[float] = []  # CPU ms a meter, per ceiling run
+
     def ceilings(when: str) -> tuple[float, float]:
-        one = ceiling(1, args.ceiling_meters, env, masters, share, ctx["ca_label"])
-        many = ceiling(max(1, args.workers), args.ceiling_meters, env, masters, share,
-                       ctx["ca_label"])
+        one, cpu_one = ceiling(1, args.ceiling_meters, env, masters, share, ctx["ca_label"])
+        many, cpu_many = ceiling(max(1, args.workers), args.ceiling_meters, env, masters,
+                                 share, ctx["ca_label"])
+        ceiling_cpu.extend((cpu_one, cpu_many))
         print(f"HSM ceiling {when} the claim: {one:,.0f} meters/s (1 process), {many:,.0f} "
-              f"meters/s ({args.workers} processes)", file=sys.stderr)
+              f"meters/s ({args.workers} processes); {cpu_one:.2f} and {cpu_many:.2f} CPU ms "
+              "a meter", file=sys.stderr)
         return one, many
 
     before = ceilings("before")
@@ -311,7 +349,7 @@ def main() -> None:
     clock = CertifyClock(hes)
     clock.install()
     with prefect_test_harness(server_startup_timeout=120):
-        summary, seconds = run_claim(ctx, hes, args.workers)
+        summary, seconds, cpu = run_claim(ctx, hes, args.workers)
     # Measured again after the claim, on this shared machine's other load; the higher of the
     # two is the ceiling (the lower ratio).
     after = ceilings("after")
@@ -333,6 +371,16 @@ def main() -> None:
           f"of which the simulated meters {hes.meter_seconds:.1f} s and the simulator's state "
           f"file {hes.state_seconds:.1f} s: {rate:,.0f} meters/s, {certs / net:,.0f} "
           "certificates/s without them", file=sys.stderr)
+    # Where the claim's processor time went, per meter (the simulation's left out), against
+    # the HSM loop's: on a machine whose cores were all the claim's, the ratio could reach
+    # about ceiling CPU / claim CPU.
+    cpu["flow"] -= sim
+    claim_cpu = 1000 * sum(cpu.values()) / args.meters
+    hsm_cpu = min(ceiling_cpu)
+    print("CPU a meter: " + ", ".join(f"{k} {1000 * v / args.meters:.2f} ms"
+                                      for k, v in cpu.items())
+          + f"; {claim_cpu:.2f} ms in all, against {hsm_cpu:.2f} ms in the HSM loop",
+          file=sys.stderr)
     print(json.dumps({
         "meters": args.meters, "certificates": certs, "workers": args.workers,
         "seconds": round(seconds, 2), "sim_seconds": round(sim, 2),
@@ -344,6 +392,9 @@ def main() -> None:
         "hsm_ceiling_meters_per_s": round(one, 1),
         "hsm_ceiling_workers_meters_per_s": round(many, 1),
         "hsm_ceilings_before_after": [round(v, 1) for v in (*before, *after)],
+        "cpu_ms_per_meter": {k: round(1000 * v / args.meters, 3) for k, v in cpu.items()},
+        "claim_cpu_ms_per_meter": round(claim_cpu, 3), "hsm_cpu_ms_per_meter": round(hsm_cpu, 3),
+        "cpu_ratio": round(hsm_cpu / claim_cpu, 3),
         "ratio": round(rate / many, 3),
         "speedup_vs_one_process_ceiling": round(rate / one, 3)}))
 
