@@ -2,7 +2,7 @@
 
 A security-officer action (``lifecycle.principals.DUAL_CONTROL``) needs two different security
 officers' signatures over the same action and parameters. The first officer's command signs the
-request and leaves it pending in the inventory (``principals.submit``); the second runs
+request and leaves it pending in the inventory (``pending_requests.submit``); the second runs
 ``meterkeys approve R-...``, sees the parameters, signs them, and this process performs the
 action once both signatures, both principals and both nonces check out. The parameters of a
 pending request are re-hashed from what is stored, so a database writer who edits them gets a
@@ -21,7 +21,7 @@ from typing import Any
 from rich.table import Table
 
 from cli.common import console, engine, settings, sign
-from lifecycle import principals
+from lifecycle import pending_requests, principals
 from lifecycle.audit.chain import Actor
 from lifecycle.clock import utcnow
 from lifecycle.factory_import import vendor as vendor_steps
@@ -42,8 +42,8 @@ def request(action: str, params: Mapping[str, Any], key: Signer | None = None) -
         AccessDenied: the key's principal may not request it (audited).
     """
     values = dict(params)
-    request_id = principals.submit(engine(), settings(), sign(action, values, key), action,
-                                   values, at=utcnow())
+    request_id = pending_requests.submit(engine(), settings(), sign(action, values, key),
+                                         action, values, at=utcnow())
     console.print(f"request [bold]{request_id}[/] ({action}) waits for a second security "
                   f"officer: [bold]meterkeys approve {request_id}[/]")
     return request_id
@@ -56,13 +56,13 @@ def approve(request_id: str, confirm: Callable[[], bool], key: Signer | None = N
         InventoryError: no such pending request.
         AccessDenied: the second signature is refused (the same officer, a role, a replay...).
     """
-    pending = principals.get_pending(engine(), request_id)
+    pending = pending_requests.get_pending(engine(), request_id)
     show(pending.action, pending.params, title=f"request {request_id}")
     if not confirm():
         console.print("not approved")
         return
     second = sign(pending.action, pending.params, key)
-    actor, done = principals.complete(engine(), settings(), request_id, second, at=utcnow())
+    actor, done = pending_requests.complete(engine(), settings(), request_id, second, at=utcnow())
     console.print(perform(done.action, done.params, actor, done.requests))
 
 

@@ -31,20 +31,18 @@ committed transaction, a replay as ``request.replayed``.
 Bootstrap: ``enrol_root`` enrols the first security officer (``hsm init``) while no principal
 exists, with a request signed by its own key (proof of possession), and writes the anchor. The
 root may then enrol one second security officer alone (appended to the anchor); every other
-enrolment, and every disabling, needs two security officers. ``submit`` and ``complete`` let
-two officers sign a dual-control request at different times, without a server.
+enrolment, and every disabling, needs two security officers. ``lifecycle.pending_requests``
+lets two officers sign a dual-control request at different times, without a server.
 
 An action not in the table is a programming error and raises ``ValueError``.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import re
-import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -109,18 +107,6 @@ class VerifiedPrincipal:
     disabled: bool = False
 
 
-@dataclass(frozen=True)
-class Pending:
-    """A dual-control request waiting for (or given) its second signature."""
-
-    id: str
-    action: str
-    params: dict[str, Any]
-    requests: list[SignedRequest]
-    created_at: datetime
-    status: str  # pending | done | refused
-
-
 # --- the table -----------------------------------------------------------------------------------
 def may(role: str | None, action: str) -> bool:
     """Return whether a role may perform an action (no role may do nothing).
@@ -128,11 +114,14 @@ def may(role: str | None, action: str) -> bool:
     Raises:
         ValueError: the action is not in the permission table.
     """
-    _known(action)
+    check_known(action)
     return role in PERMISSIONS[action]
 
 
-def _known(action: str) -> None:
+def check_known(action: str) -> None:
+    """Raises:
+        ValueError: the action is not in the table (a programming error).
+    """
     if action not in PERMISSIONS:
         raise ValueError(f"unknown action {action!r}")
 
@@ -349,8 +338,8 @@ def authorize(engine: Engine, settings: Settings, requests: Sequence[SignedReque
             itself, ``ReplayedRequest`` for a used nonce).
         ValueError: the action is not in the permission table.
     """
-    _known(action)
-    return _guarded(engine, requests, action, at, flow_run_id, lambda session: _accept(
+    check_known(action)
+    return guarded(engine, requests, action, at, flow_run_id, lambda session: accept(
         session, settings, requests, action, params, at, flow_run_id))
 
 
@@ -364,7 +353,7 @@ def authorize_encoded(engine: Engine, settings: Settings, encoded: str, action: 
         RequestError: the text is not an encoded list of signed requests (audited).
         AccessDenied: see ``authorize``.
     """
-    _known(action)
+    check_known(action)
     try:
         requests = request.decode(encoded)
     except RequestError as exc:
@@ -374,8 +363,10 @@ def authorize_encoded(engine: Engine, settings: Settings, encoded: str, action: 
                      flow_run_id=flow_run_id)
 
 
-def _guarded(engine: Engine, requests: Sequence[SignedRequest], action: str, at: datetime,
-             flow_run_id: str | None, work: Callable[[Session], T]) -> T:
+def guarded(engine: Engine, requests: Sequence[SignedRequest], action: str, at: datetime,
+            flow_run_id: str | None, work: Callable[[Session], T]) -> T:
+    """Run ``work`` in one transaction; a refusal is audited in its own transaction (the
+    requests' first principal named as claimed) and raised again."""
     try:
         with transaction(engine) as session:
             return work(session)
@@ -398,11 +389,17 @@ def _record_denial(engine: Engine, actor: Actor, action: str, exc: AccessDenied,
         trail.record(session, actor, event, "denied", detail=detail, at=at)
 
 
-def _accept(session: Session, settings: Settings, requests: Sequence[SignedRequest],
-            action: str, params: Mapping[str, Any], at: datetime, flow_run_id: str | None,
-            *, single_ok: bool = False) -> Actor:
-    digest = _checked(session, settings, requests, action, params, at)
-    roles = _check_signers(session, settings, requests, action)
+def accept(session: Session, settings: Settings, requests: Sequence[SignedRequest],
+           action: str, params: Mapping[str, Any], at: datetime, flow_run_id: str | None,
+           *, single_ok: bool = False) -> Actor:
+    """Accept the requests for ``action`` and ``params``: check them, their signers and dual
+    control, consume their nonces and record ``request.accepted``; return who acts.
+
+    Raises:
+        AccessDenied: as ``authorize``.
+    """
+    digest = checked(session, settings, requests, action, params, at)
+    roles = check_signers(session, settings, requests, action)
     if action in DUAL_CONTROL:
         rules.check_dual_control(roles, action, single_ok=single_ok)
     _consume(session, requests, action, at)
@@ -412,8 +409,8 @@ def _accept(session: Session, settings: Settings, requests: Sequence[SignedReque
     return actor
 
 
-def _checked(session: Session, settings: Settings, requests: Sequence[SignedRequest],
-             action: str, params: Mapping[str, Any], at: datetime) -> str:
+def checked(session: Session, settings: Settings, requests: Sequence[SignedRequest],
+            action: str, params: Mapping[str, Any], at: datetime) -> str:
     """Check what the requests say (action, digest, installation, time); return the digest."""
     digest = request.params_digest(params)
     rules.check_matches(requests, action, digest, _installation(session))
@@ -422,8 +419,8 @@ def _checked(session: Session, settings: Settings, requests: Sequence[SignedRequ
     return digest
 
 
-def _check_signers(session: Session, settings: Settings, requests: Sequence[SignedRequest],
-                   action: str) -> dict[str, str]:
+def check_signers(session: Session, settings: Settings, requests: Sequence[SignedRequest],
+                  action: str) -> dict[str, str]:
     """Verify each signer and its signature; return signer -> role."""
     verify = _Verifier(session, settings)
     roles = {}
@@ -503,7 +500,7 @@ def enrol_root(engine: Engine, settings: Settings, signed: SignedRequest, public
     """
     name = signed.request.principal
     params = enrolment_params(name, SECURITY_OFFICER, public_pem)
-    _guarded(engine, [signed], "principal.bootstrap", at, None,
+    guarded(engine, [signed], "principal.bootstrap", at, None,
              lambda session: _bootstrap(session, settings, signed, params, at))
 
 
@@ -513,7 +510,7 @@ def _bootstrap(session: Session, settings: Settings, signed: SignedRequest,
     if table.count_principals(session):
         raise InventoryError("principals exist already: the first security officer is "
                              "enrolled once; enrol others with two security officers")
-    digest = _checked(session, settings, [signed], ENROL, params, at)
+    digest = checked(session, settings, [signed], ENROL, params, at)
     rules.verify_signature(signed, params["public_pem"])
     _consume(session, [signed], ENROL, at)
     fp = keys.fingerprint(params["public_pem"])
@@ -545,12 +542,12 @@ def enrol(engine: Engine, settings: Settings, requests: Sequence[SignedRequest],
 
     def work(session: Session) -> Actor:
         second = _second_officer(session, settings, requests, params)
-        actor = _accept(session, settings, requests, ENROL, params, at, flow_run_id,
+        actor = accept(session, settings, requests, ENROL, params, at, flow_run_id,
                         single_ok=second)
-        _enrol_in(session, settings, requests, params, actor, at, second=second)
+        enrol_in(session, settings, requests, params, actor, at, second=second)
         return actor
 
-    return _guarded(engine, requests, ENROL, at, flow_run_id, work)
+    return guarded(engine, requests, ENROL, at, flow_run_id, work)
 
 
 def _second_officer(session: Session, settings: Settings, requests: Sequence[SignedRequest],
@@ -563,8 +560,13 @@ def _second_officer(session: Session, settings: Settings, requests: Sequence[Sig
             and table.enabled_with_role(session, SECURITY_OFFICER) == [found.root])
 
 
-def _enrol_in(session: Session, settings: Settings, requests: Sequence[SignedRequest],
-              params: Mapping[str, str], actor: Actor, at: datetime, *, second: bool) -> None:
+def enrol_in(session: Session, settings: Settings, requests: Sequence[SignedRequest],
+             params: Mapping[str, str], actor: Actor, at: datetime, *, second: bool) -> None:
+    """Enrol a principal in the caller's transaction (the requests already accepted).
+
+    Raises:
+        InventoryError: the key or the name is enrolled already.
+    """
     fp = keys.fingerprint(params["public_pem"])
     holder = table.by_fingerprint(session, fp)
     if holder is not None:
@@ -595,132 +597,22 @@ def disable(engine: Engine, settings: Settings, requests: Sequence[SignedRequest
     params = {"name": name}
 
     def work(session: Session) -> Actor:
-        actor = _accept(session, settings, requests, DISABLE, params, at, flow_run_id)
-        _disable_in(session, requests, name, actor, at)
+        actor = accept(session, settings, requests, DISABLE, params, at, flow_run_id)
+        disable_in(session, requests, name, actor, at)
         return actor
 
-    return _guarded(engine, requests, DISABLE, at, flow_run_id, work)
+    return guarded(engine, requests, DISABLE, at, flow_run_id, work)
 
 
-def _disable_in(session: Session, requests: Sequence[SignedRequest], name: str, actor: Actor,
-                at: datetime) -> None:
+def disable_in(session: Session, requests: Sequence[SignedRequest], name: str, actor: Actor,
+               at: datetime) -> None:
+    """Disable a principal in the caller's transaction (the requests already accepted).
+
+    Raises:
+        InventoryError: it is the last enabled security officer, or unknown.
+    """
     if table.enabled_with_role(session, SECURITY_OFFICER) == [name]:
         raise InventoryError(f"principal {name!r} is the last enabled security officer: "
                              "enrol another before disabling it")
     table.set_disabled(session, name, request.encode(requests))
     trail.record(session, actor, DISABLE, "ok", detail={"name": name}, at=at)
-
-
-# --- pending dual-control requests ---------------------------------------------------------------
-def submit(engine: Engine, settings: Settings, signed: SignedRequest, action: str,
-           params: Mapping[str, Any], *, at: datetime) -> str:
-    """Store a dual-control request with its first signature; return its id (``R-`` and eight
-    base32 characters).
-
-    The signature is checked as ``authorize`` would (signer, role, signature, freshness) but
-    its nonce is not consumed: ``complete`` consumes both. Audited as ``request.pending``.
-
-    Raises:
-        AccessDenied: the request would be refused (audited).
-        ValueError: the action is unknown or not under dual control, or enrolment parameters
-            that are not ``enrolment_params``'s.
-    """
-    _known(action)
-    if action not in DUAL_CONTROL:
-        raise ValueError(f"{action!r} is not under dual control: authorize it directly")
-    _check_action_params(action, params)
-    return _guarded(engine, [signed], action, at, None,
-                    lambda session: _submit(session, settings, signed, action, params, at))
-
-
-def _submit(session: Session, settings: Settings, signed: SignedRequest, action: str,
-            params: Mapping[str, Any], at: datetime) -> str:
-    digest = _checked(session, settings, [signed], action, params, at)
-    roles = _check_signers(session, settings, [signed], action)
-    if pending_table.used_nonces(session, [signed.request.nonce]):
-        raise ReplayedRequest(rules.by(signed), "nonce already used (replay)",
-                              principal=signed.request.principal, action=action)
-    request_id = "R-" + base64.b32encode(secrets.token_bytes(5)).decode("ascii")
-    pending_table.insert_pending(session, request_id, action, request.canonical(dict(params)),
-                                 request.encode([signed]), at)
-    name = signed.request.principal
-    trail.record(session, Actor(name, roles[name]), PENDING_EVENT, "ok", detail={
-        "action": action, "params_digest": digest, "request_id": request_id, "signer": name},
-        at=at)
-    return request_id
-
-
-def _check_action_params(action: str, params: Mapping[str, Any]) -> None:
-    # A pending enrolment or disabling is performed by ``complete``: its parameters must be
-    # exactly what ``enrol`` and ``disable`` sign.
-    if action == ENROL:
-        if set(params) != {"name", "role", "public_pem"} or dict(params) != enrolment_params(
-                params["name"], params["role"], params["public_pem"]):
-            raise ValueError("enrolment parameters must be enrolment_params(name, role, pem)")
-    elif action == DISABLE and set(params) != {"name"}:
-        raise ValueError("disabling parameters must be {'name': name}")
-
-
-def get_pending(engine: Engine, request_id: str) -> Pending:
-    """Return a pending (or finished) dual-control request.
-
-    Raises:
-        InventoryError: no request with that id, or its stored parameters or requests are
-            malformed (naming the id).
-    """
-    with transaction(engine) as session:
-        return _pending(pending_table.get_pending(session, request_id))
-
-
-def _pending(row: pending_table.PendingRequest) -> Pending:
-    try:
-        params = json.loads(row.params)
-        requests = request.decode(row.requests)
-    except (ValueError, RequestError) as exc:
-        raise InventoryError(f"pending request {row.id}: malformed ({exc})") from None
-    if not isinstance(params, dict):
-        raise InventoryError(f"pending request {row.id}: parameters are not an object")
-    return Pending(row.id, row.action, params, requests, row.created_at, row.status)
-
-
-def complete(engine: Engine, settings: Settings, request_id: str, second: SignedRequest, *,
-             at: datetime, flow_run_id: str | None = None) -> tuple[Actor, Pending]:
-    """Add a second security officer's signature to a pending request and authorize both.
-
-    The parameters are re-hashed from what is stored, so an edited row is refused (the
-    parameters differ from what was signed). Both nonces are consumed and the row marked done
-    in one transaction; a refusal leaves it pending. The caller then performs the action;
-    ``principal.enrol`` and ``principal.disable`` are performed here, in that transaction.
-
-    Raises:
-        AccessDenied: the same principal signed twice, or see ``authorize`` (audited).
-        InventoryError: no such request, or it is not pending.
-    """
-    action = get_pending(engine, request_id).action
-    _known(action)
-
-    def work(session: Session) -> tuple[Actor, Pending]:
-        pending = _pending(pending_table.get_pending(session, request_id, for_update=True))
-        if pending.status != pending_table.PENDING:
-            raise InventoryError(f"request {request_id} is {pending.status}, not pending")
-        if second.request.principal in {s.request.principal for s in pending.requests}:
-            raise RequestError(rules.by(second), "signed this pending request already; a "
-                                                 "second security officer must complete it",
-                               principal=second.request.principal, action=action)
-        requests = [*pending.requests, second]
-        actor = _accept(session, settings, requests, action, pending.params, at, flow_run_id)
-        _perform(session, settings, requests, action, pending.params, actor, at)
-        pending_table.finish_pending(session, request_id, request.encode(requests),
-                                     pending_table.DONE)
-        return actor, replace(pending, requests=requests, status=pending_table.DONE)
-
-    return _guarded(engine, [second], action, at, flow_run_id, work)
-
-
-def _perform(session: Session, settings: Settings, requests: Sequence[SignedRequest],
-             action: str, params: Mapping[str, Any], actor: Actor, at: datetime) -> None:
-    if action == ENROL:
-        _check_action_params(action, params)
-        _enrol_in(session, settings, requests, params, actor, at, second=False)
-    elif action == DISABLE:
-        _disable_in(session, requests, str(params["name"]), actor, at)

@@ -3,7 +3,7 @@
 A nonce row is inserted in the transaction that accepts its request and records the audit
 event ``request.accepted``, so a request is accepted once (the primary key backs the check
 ``lifecycle.principals`` makes under the audit head's lock). A pending request waits for a
-second security officer's signature (``lifecycle.principals.submit`` / ``complete``); its
+second security officer's signature (``lifecycle.pending_requests.submit`` / ``complete``); its
 parameters are re-hashed at completion, so editing them here is caught.
 """
 

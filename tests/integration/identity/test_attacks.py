@@ -30,7 +30,7 @@ from pkcs11 import Mechanism, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_ecdsa_signature
 from sqlalchemy import Engine, text
 
-from lifecycle import principals
+from lifecycle import pending_requests, principals
 from lifecycle.clock import utcnow
 from lifecycle.errors import AccessDenied, InventoryError, ReplayedRequest, RequestError
 from lifecycle.identity import anchor, request
@@ -302,32 +302,35 @@ def test_an_officer_and_an_operator_are_not_two_officers(ids: Identities) -> Non
 
 
 def test_a_pending_request_completed_by_a_second_officer(ids: Identities) -> None:
-    request_id = principals.submit(ids.engine, ids.settings, ids.sign(ROOT, "hsm.backup", BACKUP),
-                                   "hsm.backup", BACKUP, at=utcnow())
+    request_id = pending_requests.submit(ids.engine, ids.settings,
+                                         ids.sign(ROOT, "hsm.backup", BACKUP), "hsm.backup",
+                                         BACKUP, at=utcnow())
     assert request_id.startswith("R-") and len(request_id) == 10
-    assert principals.get_pending(ids.engine, request_id).status == "pending"
-    actor, done = principals.complete(ids.engine, ids.settings, request_id,
-                                      ids.sign(SECOND, "hsm.backup", BACKUP), at=utcnow())
+    assert pending_requests.get_pending(ids.engine, request_id).status == "pending"
+    actor, done = pending_requests.complete(ids.engine, ids.settings, request_id,
+                                            ids.sign(SECOND, "hsm.backup", BACKUP), at=utcnow())
     assert (actor.principal, done.status, done.params) == (ROOT, "done", BACKUP)
     assert [s.request.principal for s in done.requests] == [ROOT, SECOND]
-    assert principals.get_pending(ids.engine, request_id).status == "done"
+    assert pending_requests.get_pending(ids.engine, request_id).status == "done"
     with pytest.raises(InventoryError, match="is done, not pending"):
-        principals.complete(ids.engine, ids.settings, request_id,
-                            ids.sign(SECOND, "hsm.backup", BACKUP), at=utcnow())
+        pending_requests.complete(ids.engine, ids.settings, request_id,
+                                  ids.sign(SECOND, "hsm.backup", BACKUP), at=utcnow())
 
 
 def test_a_pending_request_completed_by_the_same_officer_is_refused(ids: Identities) -> None:
-    request_id = principals.submit(ids.engine, ids.settings, ids.sign(ROOT, "hsm.backup", BACKUP),
-                                   "hsm.backup", BACKUP, at=utcnow())
+    request_id = pending_requests.submit(ids.engine, ids.settings,
+                                         ids.sign(ROOT, "hsm.backup", BACKUP), "hsm.backup",
+                                         BACKUP, at=utcnow())
     with pytest.raises(RequestError, match="signed this pending request already"):
-        principals.complete(ids.engine, ids.settings, request_id,
-                            ids.sign(ROOT, "hsm.backup", BACKUP), at=utcnow())
-    assert principals.get_pending(ids.engine, request_id).status == "pending"
+        pending_requests.complete(ids.engine, ids.settings, request_id,
+                                  ids.sign(ROOT, "hsm.backup", BACKUP), at=utcnow())
+    assert pending_requests.get_pending(ids.engine, request_id).status == "pending"
 
 
 def test_pending_parameters_edited_by_sql_are_refused(ids: Identities) -> None:
-    request_id = principals.submit(ids.engine, ids.settings, ids.sign(ROOT, "hsm.backup", BACKUP),
-                                   "hsm.backup", BACKUP, at=utcnow())
+    request_id = pending_requests.submit(ids.engine, ids.settings,
+                                         ids.sign(ROOT, "hsm.backup", BACKUP), "hsm.backup",
+                                         BACKUP, at=utcnow())
     evil = {"dest": "/tmp/attacker"}  # noqa: S108 - the attacker's choice
     with ids.engine.begin() as conn:
         conn.execute(text("UPDATE pending_request SET params = :p WHERE id = :id"),
@@ -335,19 +338,19 @@ def test_pending_parameters_edited_by_sql_are_refused(ids: Identities) -> None:
     # The second officer is shown the edited parameters and signs them: still refused, since
     # the first signature covers the original ones.
     with pytest.raises(RequestError, match="parameters differ from what was signed"):
-        principals.complete(ids.engine, ids.settings, request_id,
-                            ids.sign(SECOND, "hsm.backup", evil), at=utcnow())
-    assert principals.get_pending(ids.engine, request_id).status == "pending"
+        pending_requests.complete(ids.engine, ids.settings, request_id,
+                                  ids.sign(SECOND, "hsm.backup", evil), at=utcnow())
+    assert pending_requests.get_pending(ids.engine, request_id).status == "pending"
 
 
 def test_enrolment_through_a_pending_request(ids: Identities) -> None:
     pem = ids.keygen("olga").public_key_pem()
     params = principals.enrolment_params("olga", principals.OPERATOR, pem)
-    request_id = principals.submit(ids.engine, ids.settings, ids.sign(ROOT, "principal.enrol",
-                                                                      params),
-                                   "principal.enrol", params, at=utcnow())
-    principals.complete(ids.engine, ids.settings, request_id,
-                        ids.sign(SECOND, "principal.enrol", params), at=utcnow())
+    request_id = pending_requests.submit(ids.engine, ids.settings,
+                                         ids.sign(ROOT, "principal.enrol", params),
+                                         "principal.enrol", params, at=utcnow())
+    pending_requests.complete(ids.engine, ids.settings, request_id,
+                              ids.sign(SECOND, "principal.enrol", params), at=utcnow())
     assert ids.authorize(["olga"], "batch.import", {}).principal == "olga"
     assert principals.verify_all(ids.engine, ids.settings) == []
 
