@@ -99,11 +99,19 @@ def canonical_detail(detail: Mapping[str, Any] | None) -> str:
     return text
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _names_ok(value: Any) -> bool:
-    if isinstance(value, Mapping):
+    # Exact types only (a detail is made of dicts, lists and plain values): anything else, a
+    # subclass included, answers False and takes the slow walk, which decides.
+    kind = type(value)
+    if kind is dict:
         return _names_allowed(tuple(value)) and all(
-            _names_ok(v) for v in value.values() if isinstance(v, Mapping | list | tuple))
-    return all(_names_ok(v) for v in value if isinstance(v, Mapping | list | tuple))
+            type(v) in _SCALARS or _names_ok(v) for v in value.values())
+    if kind is list or kind is tuple:
+        return all(type(v) in _SCALARS or _names_ok(v) for v in value)
+    return False
 
 
 @functools.lru_cache(maxsize=1024)

@@ -32,6 +32,7 @@ seen for that key version (Green Book §9.2.7.2.4.1) changes nothing and is audi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -99,7 +100,14 @@ class MeterView:
 
     def of_key(self, key_id: KeyId, state: str) -> list[KeyView]:
         """Return the versions of one key in one state."""
-        return [k for k in self.keys if k.key_id == key_id and k.state == state]
+        return list(self._by_key_state.get((int(key_id), state), ()))
+
+    @functools.cached_property
+    def _by_key_state(self) -> dict[tuple[int, str], list[KeyView]]:
+        grouped: dict[tuple[int, str], list[KeyView]] = {}
+        for key in self.keys:
+            grouped.setdefault((int(key.key_id), key.state), []).append(key)
+        return grouped
 
 
 @dataclass(frozen=True)

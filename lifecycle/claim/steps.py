@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import secrets
 import threading
@@ -150,7 +151,7 @@ class _Meter:
     meter: claims.MeterRow
     keys: list[claims.KeyRow]
 
-    @property
+    @functools.cached_property
     def view(self) -> MeterView:
         return MeterView(self.meter.serial, self.meter.state, self.meter.suite,
                          tuple(rules.KeyView(k.key_id, k.version, k.state) for k in self.keys))
