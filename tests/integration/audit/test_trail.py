@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -255,6 +257,10 @@ def test_first_bad_event_wins(engine: Engine, audit: Audit) -> None:
 
 
 # --- key material --------------------------------------------------------------------------------
+class _Label(str):
+    """A string subclass: not a plain value, so the detail gets the full walk."""
+
+
 @pytest.mark.parametrize("detail", [
     pytest.param({"note": b"\x00" * 16}, id="bytes"),
     pytest.param({"note": "00112233445566778899aabbccddeeff"}, id="hex-32"),
@@ -265,6 +271,11 @@ def test_first_bad_event_wins(engine: Engine, audit: Audit) -> None:
     pytest.param({"blob": 1}, id="name-blob"),
     pytest.param({"client_secret": "x"}, id="name-secret"),
     pytest.param({"meters": [{"serial": "M1", "wrapped": "x"}]}, id="nested"),
+    # Containers other than plain dicts and lists take the full walk: still refused.
+    pytest.param({"meters": [OrderedDict(serial="M1", wrapped="x")]}, id="nested-ordered"),
+    pytest.param(OrderedDict(note="x", kek="y"), id="ordered-top"),
+    pytest.param({"meters": [MappingProxyType({"blob": 1})]}, id="nested-proxy"),
+    pytest.param({"labels": _Label("00112233445566778899aabbccddeeff")}, id="str-subclass"),
 ])
 def test_key_material_is_refused(engine: Engine, detail: dict[str, Any]) -> None:
     with pytest.raises(AuditError) as info, transaction(engine) as s:
