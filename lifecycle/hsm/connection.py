@@ -15,6 +15,7 @@ import contextlib
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,13 +81,7 @@ class Hsm:
             hold_token_lock(settings, exclusive=False, timeout=SHARED_LOCK_TIMEOUT)
         pin = settings.user_pin()
         with translated("load module"):
-            lib = pkcs11.lib(module)
-            try:
-                token = lib.get_token(token_label=settings.token_label)
-            except px.NoSuchToken:
-                raise ConfigError(
-                    f"no token labelled {settings.token_label!r}: run meterkeys hsm init") from None
-            login = token.open(rw=True, user_pin=pin, attribute_mapper=native.attribute_mapper())
+            lib, token, login = _load(module, settings.token_label, pin)
         return cls(settings, lib, token, login)
 
     @contextlib.contextmanager
@@ -155,5 +150,41 @@ def close_all() -> None:
         _INSTANCES.clear()
     release_shared_locks()
 
+
+
+# SoftHSM2 reads its token files when the module loads and when a session logs in. Another
+# process that logs in or writes token objects at that moment can leave them unreadable for an
+# instant: the token is then missing from the slot list, or the call fails with GeneralError
+# (seen once in a few hundred spawned workers under load). A few attempts, each on a freshly
+# initialised module, ride that out; a wrong PIN or a token that stays missing still fails.
+LOAD_ATTEMPTS = 5
+LOAD_BACKOFF_SECONDS = 0.05
+
+
+def _load(module: str, token_label: str, pin: str) -> tuple[Any, Any, Any]:
+    """Load the module, find the token and log in; return (lib, token, logged-in session).
+
+    Raises:
+        ConfigError: no token with that label, after every attempt.
+        pkcs11.exceptions.PKCS11Error: as the module reports it (translated by the caller).
+    """
+    lib = None
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        try:
+            if lib is None:
+                lib = pkcs11.lib(module)
+            else:
+                lib.reinitialize()  # C_Finalize + C_Initialize: the module reads the token again
+            token = lib.get_token(token_label=token_label)
+            login = token.open(rw=True, user_pin=pin, attribute_mapper=native.attribute_mapper())
+            return lib, token, login
+        except (px.NoSuchToken, px.GeneralError) as exc:
+            if attempt == LOAD_ATTEMPTS:
+                if isinstance(exc, px.NoSuchToken):
+                    raise ConfigError(f"no token labelled {token_label!r}: run meterkeys hsm "
+                                      "init") from None
+                raise
+            time.sleep(LOAD_BACKOFF_SECONDS * attempt)
+    raise AssertionError("unreachable")
 
 __all__ = ["Hsm", "close_all"]

@@ -8,6 +8,7 @@ import hashlib
 import multiprocessing
 import secrets
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -184,3 +185,47 @@ def test_call_lock_is_held_during_every_pkcs11_call(hsm: Hsm, settings: Settings
             "decrypt", "destroy"} <= names
     unguarded = [name for name, guarded in log if not guarded]
     assert unguarded == []
+
+
+# --- a token file unreadable for an instant ------------------------------------------------------
+def _open_when_told(ready: Any, go: Any, opened: Any) -> None:
+    """Child side: say it is ready, wait for the parent's signal, then load the module and log
+    in."""
+    from lifecycle.config import load_settings
+
+    settings = load_settings()
+    ready.set()
+    go.wait(timeout=30)
+    try:
+        Hsm.open(settings)
+        opened.put("")
+    except Exception as exc:  # noqa: BLE001 - the parent reports it
+        opened.put(f"{type(exc).__name__}: {exc}")
+
+
+@pytest.mark.timeout(60)
+def test_a_process_loading_while_the_token_file_is_unreadable_gets_in(
+        hsm: Hsm, settings: Settings) -> None:
+    # Another process rewriting the token's files can leave them unreadable for an instant
+    # (SoftHSM2 then lists no token, or fails with GeneralError): a worker that loads the module
+    # just then must try again, not fail its whole run. The instant is made here by moving each
+    # token.object away for 0.2 s while a fresh process loads the module.
+    context = multiprocessing.get_context("spawn")
+    ready, go, opened = context.Event(), context.Event(), context.Queue()
+    child = context.Process(target=_open_when_told, args=(ready, go, opened))
+    child.start()
+    try:
+        assert ready.wait(timeout=30)
+        files = sorted(settings.token_dir.glob("*/token.object"))
+        assert files
+        for path in files:
+            path.rename(path.with_name("token.object.away"))
+        try:
+            go.set()
+            time.sleep(0.2)
+        finally:
+            for path in files:
+                path.with_name("token.object.away").rename(path)
+        assert opened.get(timeout=30) == ""
+    finally:
+        child.join(timeout=30)
