@@ -107,11 +107,17 @@ def _names_ok(value: Any) -> bool:
     # subclass included, answers False and takes the slow walk, which decides.
     kind = type(value)
     if kind is dict:
-        return _names_allowed(tuple(value)) and all(
-            type(v) in _SCALARS or _names_ok(v) for v in value.values())
-    if kind is list or kind is tuple:
-        return all(type(v) in _SCALARS or _names_ok(v) for v in value)
-    return False
+        if not _names_allowed(tuple(value)):
+            return False
+        items = value.values()
+    elif kind is list or kind is tuple:
+        items = value
+    else:
+        return False
+    for item in items:  # noqa: SIM110 - a loop, not all() over a generator: runs per event
+        if type(item) not in _SCALARS and not _names_ok(item):
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=1024)

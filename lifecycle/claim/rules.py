@@ -121,6 +121,7 @@ class KeyPlan:
 
 
 CLAIMABLE = ("registered", "claimed")
+_KEY_IDS = frozenset(int(k) for k in KeyId)
 
 
 def refusal(meter: MeterView) -> str | None:
@@ -142,24 +143,30 @@ def plan_keys(meter: MeterView) -> KeyPlan:
         ClaimError: a key has no or several active versions, or the pending versions are not
             one of each key with one version number (a torn or tampered inventory).
     """
-    versions: set[int] = set()
-    pending: set[int] = set()
+    # One pass over the versions (this runs for every meter of a chunk, several times).
+    active: dict[int, int] = {}
+    waiting: dict[int, list[int]] = {}
+    top = 0
+    for k in meter.keys:
+        if k.key_id not in _KEY_IDS:
+            continue
+        top = max(top, k.version)
+        if k.state == "active":
+            active[k.key_id] = active.get(k.key_id, 0) + 1
+        elif k.state == "pending":
+            waiting.setdefault(k.key_id, []).append(k.version)
     for key in KeyId:
-        active = meter.of_key(key, "active")
-        if len(active) != 1:
-            raise ClaimError(f"meter {meter.serial}", f"{key.name} has {len(active)} active "
-                                                      "versions, not one")
-        waiting = meter.of_key(key, "pending")
-        if len(waiting) > 1:
-            raise ClaimError(f"meter {meter.serial}", f"{key.name} has {len(waiting)} pending "
-                                                      "versions")
-        pending.update(k.version for k in waiting)
-        versions.update(k.version for k in meter.keys if k.key_id == key)
+        if active.get(key, 0) != 1:
+            raise ClaimError(f"meter {meter.serial}", f"{key.name} has {active.get(key, 0)} "
+                                                      "active versions, not one")
+        if len(waiting.get(key, ())) > 1:
+            raise ClaimError(f"meter {meter.serial}", f"{key.name} has {len(waiting[key])} "
+                                                      "pending versions")
     master = meter.of_key(KeyId.KEK, "active")[0].version
-    waiting_all = [k for k in meter.keys if k.state == "pending"]
-    if not waiting_all:
-        return KeyPlan(True, max(versions) + 1, master)
-    if len(waiting_all) != len(KeyId) or len(pending) != 1:
+    if not waiting:
+        return KeyPlan(True, top + 1, master)
+    pending = {v for versions in waiting.values() for v in versions}
+    if len(waiting) != len(KeyId) or len(pending) != 1:
         raise ClaimError(f"meter {meter.serial}", "pending versions are not one of each key "
                                                   "with one version number")
     return KeyPlan(False, pending.pop(), master)

@@ -28,8 +28,6 @@ versions and counts, never a key, a wrapped key or a challenge.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import json
 import secrets
@@ -47,7 +45,7 @@ from lifecycle.claim import rules
 from lifecycle.claim.rules import Evidence, MeterView, OrderKind, OrderStatus, Verdict
 from lifecycle.config import Settings
 from lifecycle.dlms.proof import new_challenge
-from lifecycle.errors import ClaimError, FactoryTrustError, PortError
+from lifecycle.errors import ClaimError, PortError
 from lifecycle.hes.port import Hes, KeyOrder, Outcome
 from lifecycle.hsm import keyring
 from lifecycle.hsm.connection import Hsm
@@ -180,10 +178,11 @@ def prepare_chunk(workers: HsmWorkers, engine: Engine, settings: Settings, actor
     meters = []
     events: list[dict[str, Any]] = []
     items = _load(engine, meter_ids)
-    anchors = _factory_cas(engine, settings, items)
+    untrusted = _untrusted(workers, engine, settings,
+                           [m for m in items if rules.refusal(m.view) is None], now)
     for item in items:
         reason = rules.refusal(item.view)
-        if reason is None and (reason := _untrusted(item, anchors, now)) is not None:
+        if reason is None and (reason := untrusted.get(item.meter.serial)) is not None:
             events.append(_event("claim.prepare", "refused", item.meter.serial,
                                  {"reason": reason[:200]}))
         try:
@@ -200,37 +199,26 @@ def prepare_chunk(workers: HsmWorkers, engine: Engine, settings: Settings, actor
     return orders, report
 
 
-def _factory_cas(engine: Engine, settings: Settings,
-                 items: Sequence[_Meter]) -> dict[int, trust.Anchors]:
-    """The factory CAs of the vendors of the suite 1/2 meters that their signed registration
-    and the audit trail attest (a row planted by SQL is refused: ``pki.steps.factory_anchors``)."""
-    vendor_ids = sorted({m.meter.vendor_id for m in items
-                         if SUITES[m.meter.suite].needs_certificate})
-    return pki_steps.factory_anchors(engine, settings, vendor_ids)
+def _untrusted(workers: HsmWorkers, engine: Engine, settings: Settings,
+               items: Sequence[_Meter], now: datetime) -> dict[str, str]:
+    """Why each suite 1/2 meter's factory credentials do not verify, by serial (those that
+    verify, and suite 0 meters, are absent).
 
-
-def _untrusted(item: _Meter, anchors: dict[int, trust.Anchors], now: datetime) -> str | None:
-    """Why a suite 1/2 meter's factory credentials do not verify (None: they do, or suite 0).
-
-    The factory certificate must chain to one of the vendor's registered factory CAs
-    (``lifecycle.pki.trust``); a meter whose manufacturer cannot be trusted for it is not
-    taken over: the DSO would certify a key it cannot tie to the meter it bought.
+    The factory certificate must chain to one of the vendor's registered factory CAs that their
+    signed registration and the audit trail attest (``lifecycle.pki.trust``; a row planted by
+    SQL is refused: ``pki.steps.factory_anchors``). A meter whose manufacturer cannot be
+    trusted for it is not taken over: the DSO would certify a key it cannot tie to the meter
+    it bought. The checks run in the HSM workers (software only), a part each.
     """
-    meter = item.meter
-    if not SUITES[meter.suite].needs_certificate:
-        return None
-    cas = anchors.get(meter.vendor_id, trust.Anchors())
-    if not cas.trusted and not cas.refused:
-        return "factory certificate refused: its vendor has no registered factory CA " \
-               "(meterkeys vendor add-ca)"
-    try:
-        der = base64.b64decode(meter.factory_certificate or "", validate=True)
-        cas.verify(meter.serial, meter.system_title, meter.suite, der, now)
-    except binascii.Error:
-        return "factory certificate refused: not base64"
-    except FactoryTrustError as exc:
-        return f"factory certificate refused: {exc.reason}"
-    return None
+    checks = [trust.FactoryCheck(m.meter.serial, m.meter.system_title, m.meter.suite,
+                                 m.meter.vendor_id, m.meter.factory_certificate)
+              for m in items if SUITES[m.meter.suite].needs_certificate]
+    if not checks:
+        return {}
+    anchors = pki_steps.factory_anchors(engine, settings, sorted({c.vendor_id for c in checks}))
+    reasons = _spread(workers, lambda part: workers.submit(
+        trust.check_factory_job, trust.FactoryCheckJob(tuple(part), anchors, now)), checks)
+    return {c.serial: r for c, r in zip(checks, reasons, strict=True) if r is not None}
 
 
 @dataclass(frozen=True)
@@ -629,24 +617,25 @@ def _confirm_many(session: Any, items: Sequence[_Meter], events: list[dict[str, 
     operational, in bulk (meters confirmed meanwhile, or moved on, are left as they are)."""
     changes: list[tuple[int, str, datetime | None]] = []
     done: list[int] = []
+    expires = {int(k): now + CRYPTOPERIODS[k] for k in KeyId}
     for fresh in _reload(session, items):
         if fresh.meter.state != MeterState.CLAIMED:
             continue  # confirmed by an earlier outcome, or moved on meanwhile
         moves = rules.confirm(fresh.view)
-        ids = {(k.key_id, k.version): k for k in fresh.keys}
-        moved = []
+        ids = {(k.key_id, k.version): int(k.id or 0) for k in fresh.keys}
+        moved: dict[str, list[int]] = {verb: [] for verb in _VERBS.values()}
+        last: dict[int, tuple[str, int]] = {}  # retired then destroyed: written once, destroyed
         for move in moves:
-            key = ids[(move.key_id, move.version)]
-            changes.append((int(key.id or 0), move.to,
-                            now + CRYPTOPERIODS[KeyId(move.key_id)]
-                            if move.to == KeyState.ACTIVE else None))
-            moved.append({"key_version": int(key.id or 0), "key_id": move.key_id,
-                          "version": move.version, "to": _VERBS[move.to]})
-        # One event per meter that lists every key version's move (it was one event per key
-        # version: 13 a meter, most of a chunk's audit time); the same facts, per meter.
+            kv = ids[(move.key_id, move.version)]
+            moved[_VERBS[move.to]].append(kv)
+            last[kv] = (move.to, move.key_id)
+        changes += [(kv, to, expires[key_id] if to == KeyState.ACTIVE else None)
+                    for kv, (to, key_id) in last.items()]
+        # One event per meter naming the key versions of each move (ids by verb, in the order
+        # the moves happen): the facts of the per-version events it replaced, in one detail.
         events.append(_event("meter.claim", "ok", fresh.meter.serial,
                              {"version": moves[0].version, "manufacturer_access": "ended",
-                              "key_versions": moved}))
+                              "moved_key_version_ids": moved}))
         done.append(int(fresh.meter.id or 0))
     claims.set_key_states(session, changes, now)
     claims.supersede(session, done, now)

@@ -13,6 +13,9 @@ Before the DSO takes the meter over (the claim), the certificate must show, at `
 5. key: an EC key on the suite's curve (P-256 for suite 1, P-384 for suite 2).
 
 Each failure raises ``FactoryTrustError`` naming the meter and the rule, never a bool.
+``check_factory_job`` verifies a batch of meters and returns each one's refusal, as an
+``HsmWorkers`` job: it needs no HSM, but a chunk's thousands of signature checks then run in
+the worker processes, in parallel, instead of in the flow's.
 
 Which factory CAs count as registered is itself checked (``check_registered``): a ``vendor_ca``
 row is trusted only if the audit trail holds the ``vendor.add-ca`` event that registered that
@@ -25,6 +28,8 @@ too.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import hashlib
 from collections.abc import Mapping, Sequence
@@ -37,6 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from lifecycle.config import Settings
 from lifecycle.errors import FactoryTrustError, PkiError
 from lifecycle.pki.issuing import curve_of
 from lifecycle.policy import SUITES
@@ -260,6 +266,48 @@ class Anchors:
                 continue
             return why
         return None
+
+
+@dataclass(frozen=True)
+class FactoryCheck:
+    """A suite 1/2 meter whose factory certificate is to verify (``certificate``: base64 DER,
+    as the inventory holds it)."""
+
+    serial: str
+    system_title: str
+    suite: int
+    vendor_id: int
+    certificate: str | None
+
+
+@dataclass(frozen=True)
+class FactoryCheckJob:
+    """``check_factory_job``'s argument: the meters, their vendors' anchors and the clock."""
+
+    meters: tuple[FactoryCheck, ...]
+    anchors: dict[int, Anchors]
+    now: datetime
+
+
+def factory_refusal(meter: FactoryCheck, cas: Anchors, now: datetime) -> str | None:
+    """Why a meter's factory certificate is refused (None: it verifies against ``cas``)."""
+    if not cas.trusted and not cas.refused:
+        return "factory certificate refused: its vendor has no registered factory CA " \
+               "(meterkeys vendor add-ca)"
+    try:
+        der = base64.b64decode(meter.certificate or "", validate=True)
+        cas.verify(meter.serial, meter.system_title, meter.suite, der, now)
+    except binascii.Error:
+        return "factory certificate refused: not base64"
+    except FactoryTrustError as exc:
+        return f"factory certificate refused: {exc.reason}"
+    return None
+
+
+def check_factory_job(_settings: Settings, job: FactoryCheckJob) -> list[str | None]:
+    """Each meter's refusal (``factory_refusal``), in order: an ``HsmWorkers`` job."""
+    cas = {vendor: Anchors(a.trusted, a.refused) for vendor, a in job.anchors.items()}
+    return [factory_refusal(m, cas.get(m.vendor_id, Anchors()), job.now) for m in job.meters]
 
 
 def anchors(rows: Sequence[RegisteredCa],
