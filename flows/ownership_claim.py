@@ -12,9 +12,10 @@ from tasks import approval, audit, hsm
 from tasks import claim as t
 
 ACTION = "meter.claim"
+PREPARE_AHEAD = 2  # chunks whose keys are made ahead of the one being settled
 
 
-@flow(name="ownership-claim", task_runner=ThreadPoolTaskRunner(max_workers=4),  # type: ignore[arg-type]
+@flow(name="ownership-claim", task_runner=ThreadPoolTaskRunner(max_workers=6),  # type: ignore[arg-type]
       persist_result=False, on_failure=[audit.close_failed_run])
 def ownership_claim(batch_id: int | None = None, vendor: str | None = None,
                     serials: list[str] | None = None, wait_seconds: float = 30.0,
@@ -40,18 +41,20 @@ def ownership_claim(batch_id: int | None = None, vendor: str | None = None,
     report = t.empty_report()
     with t.open_workers(workers) as pool:
         # quote(): the pool, the HES and the orders pass to the tasks as they are (Prefect
-        # would otherwise walk them for futures).
+        # would otherwise walk them for futures). The chunks' id lists too: walking hundreds
+        # of ids per task call for futures costs Prefect about a tenth of the claim's time.
         pool_q, hes_q = quote(pool), quote(hes)
-        # The chunks' id lists too: walking hundreds of ids per task call for futures costs
-        # Prefect about a tenth of the claim's own time.
-        # One chunk ahead: the next chunk's keys are made in the HSM workers while this
-        # process settles the current one, so neither waits for the other.
+        # The HSM workers should never wait for this process: PREPARE_AHEAD chunks have their
+        # keys made while this one is settled, and a settled chunk's certificates are issued
+        # (in the workers) while the next chunks go on. A chunk's keys and orders still commit
+        # together, and each meter's certificates follow its proven claim.
         ahead = [t.prepare_chunk.submit(pool_q, quote(c), actor)  # type: ignore[call-overload]
-                 for c in chunks[:1]]
+                 for c in chunks[:PREPARE_AHEAD]]
+        certifying = []
         for i, chunk in enumerate(chunks):
             ids = quote(chunk)
             ahead += [t.prepare_chunk.submit(pool_q, quote(c), actor)  # type: ignore[call-overload]
-                      for c in chunks[i + 1:i + 2]]
+                      for c in chunks[i + PREPARE_AHEAD:i + PREPARE_AHEAD + 1]]
             orders, prepared = ahead.pop(0).result()
             report.merge(prepared)
             t.submit_orders(hes_q, quote(orders), actor)  # type: ignore[call-overload]
@@ -59,8 +62,10 @@ def ownership_claim(batch_id: int | None = None, vendor: str | None = None,
                 hes_q, quote([o.order_id for o in orders]), wait_seconds)
             report.merge(t.settle_outcomes(pool_q, quote(outcomes), actor))  # type: ignore[call-overload]
             report.merge(t.recover_meters(pool_q, hes_q, ids, actor))  # type: ignore[call-overload]
-        # Certificates once the keys are the DSO's: also for meters claimed by a run that
-        # stopped before certifying them.
+            certifying.append(t.certify_meters.submit(pool_q, hes_q, ids, actor))  # type: ignore[call-overload]
+        for done in certifying:
+            report.merge(done.result())
+        # Meters claimed by a run that stopped before certifying them.
         for chunk in t.select_uncertified(batch_id, vendor, serials):
             report.merge(t.certify_meters(pool_q, hes_q, quote(chunk), actor))  # type: ignore[call-overload]
     t.finish_claim(report, actor)

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 import hes_adapters
 from lifecycle.audit.chain import Actor
 from lifecycle.claim import certification, steps
-from lifecycle.hes.port import Hes, KeyOrder
+from lifecycle.hes.port import Hes, KeyOrder, OneAtATime
 from lifecycle.hsm.pool import HsmWorkers
 from tasks import context
 
@@ -21,8 +21,9 @@ RETRY_DELAYS = [1.0, 2.0, 4.0]
 
 
 def open_hes() -> Hes:
-    """The HES of this process's settings (``hes``: file:<dir> or simulated:<dir>)."""
-    return hes_adapters.open_hes(context.settings())
+    """The HES of this process's settings (``hes``: file:<dir> or simulated:<dir>), called one
+    call at a time (the claim's tasks run in threads)."""
+    return OneAtATime(hes_adapters.open_hes(context.settings()))
 
 
 def empty_report() -> steps.Report:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -142,6 +143,44 @@ class Hes(Protocol):
 
     def import_certificates(self, orders: Sequence[CertificateOrder]) -> None:
         """Hand certificates to the HES, to be put on their meters (Security Setup method 6)."""
+
+
+class OneAtATime:
+    """A HES whose calls are made one at a time.
+
+    The claim's tasks run in threads (the next chunks' keys are made while one chunk is settled
+    and an earlier one certified), and a HES adapter need not be thread-safe: a file or a
+    simulator's state written by two calls at once could lose one of them.
+    """
+
+    def __init__(self, hes: Hes) -> None:
+        self.hes = hes
+        self._lock = threading.Lock()
+
+    def submit(self, orders: Sequence[KeyOrder]) -> None:
+        """As ``Hes.submit``."""
+        with self._lock:
+            self.hes.submit(orders)
+
+    def outcomes(self) -> list[Outcome]:
+        """As ``Hes.outcomes``."""
+        with self._lock:
+            return self.hes.outcomes()
+
+    def prove(self, serial: str, system_title: str, challenge: bytes) -> bytes | None:
+        """As ``Hes.prove``."""
+        with self._lock:
+            return self.hes.prove(serial, system_title, challenge)
+
+    def certificate_requests(self, meters: Sequence[MeterRef]) -> CertificateRequests:
+        """As ``Hes.certificate_requests``."""
+        with self._lock:
+            return self.hes.certificate_requests(meters)
+
+    def import_certificates(self, orders: Sequence[CertificateOrder]) -> None:
+        """As ``Hes.import_certificates``."""
+        with self._lock:
+            self.hes.import_certificates(orders)
 
 
 # --- JSON lines ------------------------------------------------------------------------------

@@ -87,3 +87,54 @@ def test_every_mode_ends_as_it_should(claim_fleet) -> None:  # type: ignore[no-u
     with db.snapshot(claim_fleet.engine) as session:
         events = trail.events(session, limit=5000)
     assert any(e.action == "meter.claim" for e in events)
+
+
+class _Overlaps:
+    """A HES that counts how many of its calls ran at once (each call lingers a little)."""
+
+    def __init__(self, hes) -> None:  # type: ignore[no-untyped-def]
+        import threading
+
+        self.hes, self.now, self.most = hes, 0, 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        import time
+
+        value = getattr(self.hes, name)
+
+        def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            with self._lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            try:
+                time.sleep(0.05)
+                return value(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.now -= 1
+        return call
+
+
+def test_the_hes_gets_one_call_at_a_time_from_the_threaded_claim(claim_fleet,  # type: ignore[no-untyped-def]
+                                                                  monkeypatch) -> None:
+    """Chunks of two meters: keys are made ahead, chunks certified while others settle, all in
+    threads; the HES adapter (here the simulator, whose state file two calls at once would
+    clobber) still sees its calls one after the other."""
+    import hes_adapters
+    from tasks import context
+
+    opened = []
+    real = hes_adapters.open_hes
+
+    def watched(settings):  # type: ignore[no-untyped-def]
+        opened.append(_Overlaps(real(settings)))
+        return opened[-1]
+
+    monkeypatch.setattr(hes_adapters, "open_hes", watched)
+    monkeypatch.setenv("METERKEYS_CLAIM_CHUNK_SIZE", "2")
+    context.reset()
+    state = claim_fleet.run(vendor="acme")
+    assert state.is_completed(), state.message
+    assert len(state.result()["claimed"]) == 9
+    assert opened and opened[0].most == 1, [o.most for o in opened]
