@@ -22,8 +22,8 @@ the PKI ceremony, and a simulated HES over the batch's meters. Then:
 
 The last line printed is JSON: meters, certificates, seconds (flow, wall), sim_seconds (the
 simulator's share), claim_seconds (the difference), meters_per_s and certificates_per_s (over
-claim_seconds), certify_seconds and certification_certificates_per_s (the certification step
-alone, without the simulated meters' share: the device certificate issuing rate),
+claim_seconds; a chunk's certificates are issued while the next chunks are claimed, so the
+certification is not timed apart: ``bench/pki_bench.py`` measures the issuing rate alone),
 hsm_ceiling_meters_per_s (1 process), hsm_ceiling_workers_meters_per_s (N): each the higher
 of two measurements, before and after the claim (``hsm_ceilings_before_after``: 1 and N
 processes before, then after), ratio (meters_per_s / N-process ceiling). Then where the
@@ -177,32 +177,6 @@ def masters_of(engine: Any, limit: int) -> list[dict[str, Any]]:
     return out
 
 
-class CertifyClock:
-    """Times the claim's certification step (``certification.certify``) in the flow, and the
-    simulated meters' share of it, so certificates/s counts only meterkeys' own work."""
-
-    def __init__(self, hes: Any) -> None:
-        self.hes = hes
-        self.seconds = 0.0
-        self.sim_seconds = 0.0
-
-    def install(self) -> None:
-        from lifecycle.claim import certification
-
-        certify = certification.certify
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            sim0 = self.hes.meter_seconds + self.hes.state_seconds
-            t0 = time.perf_counter()
-            try:
-                return certify(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - t0
-                self.sim_seconds += self.hes.meter_seconds + self.hes.state_seconds - sim0
-
-        certification.certify = timed  # type: ignore[assignment]
-
-
 class QuietHes:
     """The simulated HES, run only while the claim's HSM workers are idle.
 
@@ -265,10 +239,12 @@ def run_claim(ctx: dict[str, Any], hes: Any, workers: int
     from flows.ownership_claim import ownership_claim
     from lifecycle import principals
     from lifecycle.clock import utcnow
+    from lifecycle.hes.port import OneAtATime
     from lifecycle.identity import request
 
     quiet = QuietHes(hes)
-    tasks.claim.open_hes = lambda: quiet  # the bench's instance, to read its meter_seconds
+    # The bench's instance, to read its meter_seconds; one call at a time, as the claim's own.
+    tasks.claim.open_hes = lambda: OneAtATime(quiet)
     open_workers = tasks.claim.open_workers
     tasks.claim.open_workers = lambda workers: quiet.watch(open_workers(workers))
     params: dict[str, Any] = {"batch_id": None, "vendor": "acme", "serials": None,
@@ -346,8 +322,6 @@ def main() -> None:
 
     hes = SimulatedHes.open(home / "sim" / "hes", [ctx["files"].secrets], engine="cryptography")
     hes.meter_seconds = hes.state_seconds = 0.0
-    clock = CertifyClock(hes)
-    clock.install()
     with prefect_test_harness(server_startup_timeout=120):
         summary, seconds, cpu = run_claim(ctx, hes, args.workers)
     # Measured again after the claim, on this shared machine's other load; the higher of the
@@ -361,12 +335,6 @@ def main() -> None:
     sim = hes.meter_seconds + hes.state_seconds
     net = seconds - sim
     rate = args.meters / net
-    cert_net = clock.seconds - clock.sim_seconds
-    cert_rate = certs / cert_net if cert_net > 0 else 0.0
-    print(f"certification step: {certs} certificates in {clock.seconds:.2f} s, of which the "
-          f"simulated meters {clock.sim_seconds:.2f} s: {cert_rate:,.0f} certificates/s "
-          "(requests checked, certificates built, signed in the HSM, verified, recorded, "
-          "audited and delivered)", file=sys.stderr)
     print(f"claimed {args.meters} meters and issued {certs} certificates in {seconds:.1f} s, "
           f"of which the simulated meters {hes.meter_seconds:.1f} s and the simulator's state "
           f"file {hes.state_seconds:.1f} s: {rate:,.0f} meters/s, {certs / net:,.0f} "
@@ -387,8 +355,6 @@ def main() -> None:
         "sim_meter_seconds": round(hes.meter_seconds, 2),
         "sim_state_seconds": round(hes.state_seconds, 2), "claim_seconds": round(net, 2),
         "meters_per_s": round(rate, 1), "certificates_per_s": round(certs / net, 1),
-        "certify_seconds": round(cert_net, 2),
-        "certification_certificates_per_s": round(cert_rate, 1),
         "hsm_ceiling_meters_per_s": round(one, 1),
         "hsm_ceiling_workers_meters_per_s": round(many, 1),
         "hsm_ceilings_before_after": [round(v, 1) for v in (*before, *after)],
