@@ -75,19 +75,35 @@ class HsmWorkers:
         self._cleanup = cleanup
         self._lock = threading.Lock()
         self._closed = False
+        self._jobs = 0
+        self._retired: list[ProcessPoolExecutor] = []  # finishing their last jobs
         self._pool: ProcessPoolExecutor | None = self._start() if workers > 0 else None
         self._owner: weakref.WeakKeyDictionary[Future[Any], ProcessPoolExecutor] = \
             weakref.WeakKeyDictionary()
 
     def _start(self) -> ProcessPoolExecutor:
         fields = self.settings.model_dump(exclude={"pin", "so_pin"})
-        # SoftHSM2 2.6.1 never frees a destroyed session object (SoftHSMv2 issues 562 and 563:
-        # the memory returns only at C_Finalize), about 120 bytes a key here. A worker is
-        # therefore replaced after a bounded number of jobs, which keeps memory flat.
+        self._jobs = 0
         return ProcessPoolExecutor(
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(fields,),
-            max_tasks_per_child=self.settings.worker_recycle_jobs)
+            initializer=_init_worker, initargs=(fields,))
+
+    def _recycled(self, pool: ProcessPoolExecutor) -> ProcessPoolExecutor:
+        # SoftHSM2 2.6.1 never frees a destroyed session object (SoftHSMv2 issues 562 and 563:
+        # the memory returns only at C_Finalize), about 120 bytes a key here. The workers are
+        # therefore replaced after a bounded number of jobs, which keeps memory flat: the
+        # whole pool at once, once it has run ``worker_recycle_jobs`` jobs a worker. The old
+        # pool finishes the jobs it holds and its processes then exit. Not
+        # ``ProcessPoolExecutor(max_tasks_per_child=...)``: up to Python 3.13 it stops running
+        # queued jobs once a worker exits at its limit while others wait (CPython gh-115634).
+        self._jobs += 1
+        if self._jobs <= self.workers * self.settings.worker_recycle_jobs:
+            return pool
+        pool.shutdown(wait=False)
+        self._retired.append(pool)
+        self._pool = self._start()
+        self._jobs = 1
+        return self._pool
 
     def submit(self, fn: Callable[[Settings, JobT], ResultT], job: JobT) -> Future[ResultT]:
         """Run ``fn(settings, job)`` on a worker (``fn`` must be a module-level function).
@@ -109,7 +125,7 @@ class HsmWorkers:
             if self._pool is None:
                 self._pool = self._start()
             try:
-                future = self._pool.submit(_run, fn, job)
+                future = self._recycled(self._pool).submit(_run, fn, job)
             except BrokenProcessPool:
                 self._replace(self._pool)
                 assert self._pool is not None
@@ -147,8 +163,9 @@ class HsmWorkers:
                 self._cleanup(self.settings)
             return
         with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
+            for pool in [*self._retired, *([self._pool] if self._pool else [])]:
+                pool.shutdown(wait=True, cancel_futures=True)
+            self._retired.clear()
             self._pool = None
 
     def __enter__(self) -> HsmWorkers:

@@ -85,6 +85,29 @@ def test_workers_are_replaced_after_a_bounded_number_of_jobs(settings, transport
     assert len(seen) >= 3, seen
 
 
+def test_jobs_queued_beyond_the_workers_all_run_across_a_recycling(settings, transport) -> None:  # type: ignore[no-untyped-def]
+    """Ten jobs submitted at once to one worker replaced every two jobs: all ten finish. With
+    ``ProcessPoolExecutor(max_tasks_per_child=2)`` the pool ran two and then hung (CPython
+    gh-115634), which stalled a claim whose chunks queue jobs ahead."""
+    from concurrent.futures import wait
+
+    tk = transport[2]
+    keys = [aes_key_wrap(tk, os.urandom(16)) for _ in range(5)]
+    recycling = settings.model_copy(update={"worker_recycle_jobs": 2})
+    pool = HsmWorkers(recycling, 1)
+    stuck: set[object] = {None}
+    try:
+        futures = [pool.submit(run_rewrap, _job(recycling, transport, keys)) for _ in range(10)]
+        done, stuck = wait(futures, timeout=120)
+        assert not stuck, f"{len(stuck)} of 10 jobs never ran"
+        assert all(all(pool.result(f)) for f in done)
+        stuck = set()
+    finally:
+        for worker in _workers() if stuck else []:  # a hung pool would hang the close below
+            worker.kill()
+        pool.close()
+
+
 def test_a_permanent_error_in_a_worker_reaches_the_caller_as_itself(settings, transport) -> None:  # type: ignore[no-untyped-def]
     oaep, wrapped, _ = transport
     job = RewrapJob("no-such-import-key", oaep, wrapped, [b"\0" * 24])
