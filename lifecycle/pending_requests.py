@@ -42,7 +42,6 @@ class Pending:
     status: str  # pending | done | refused
 
 
-
 def submit(engine: Engine, settings: Settings, signed: SignedRequest, action: str,
            params: Mapping[str, Any], *, at: datetime) -> str:
     """Store a dual-control request with its first signature; return its id (``R-`` and eight
@@ -60,8 +59,9 @@ def submit(engine: Engine, settings: Settings, signed: SignedRequest, action: st
     if action not in principals.DUAL_CONTROL:
         raise ValueError(f"{action!r} is not under dual control: authorize it directly")
     _check_action_params(action, params)
-    return principals.guarded(engine, [signed], action, at, None,
-                    lambda session: _submit(session, settings, signed, action, params, at))
+    return principals.guarded(
+        engine, [signed], action, at, None,
+        lambda session: _submit(session, settings, signed, action, params, at))
 
 
 def _submit(session: Session, settings: Settings, signed: SignedRequest, action: str,

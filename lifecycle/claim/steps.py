@@ -624,13 +624,13 @@ def _confirm_many(session: Any, items: Sequence[_Meter], events: list[dict[str, 
         moves = rules.confirm(fresh.view)
         ids = {(k.key_id, k.version): int(k.id or 0) for k in fresh.keys}
         moved: dict[str, list[int]] = {verb: [] for verb in _VERBS.values()}
-        last: dict[int, tuple[str, int]] = {}  # retired then destroyed: written once, destroyed
         for move in moves:
-            kv = ids[(move.key_id, move.version)]
-            moved[_VERBS[move.to]].append(kv)
-            last[kv] = (move.to, move.key_id)
-        changes += [(kv, to, expires[key_id] if to == KeyState.ACTIVE else None)
-                    for kv, (to, key_id) in last.items()]
+            moved[_VERBS[move.to]].append(ids[(move.key_id, move.version)])
+        # Each moved version written once, in its final state (retired then destroyed: destroyed).
+        touched = {(move.key_id, move.version) for move in moves}
+        changes += [(ids[version], to, expires[version[0]] if to == KeyState.ACTIVE else None)
+                    for version, to in rules.final_states(fresh.view, moves).items()
+                    if version in touched]
         # One event per meter naming the key versions of each move (ids by verb, in the order
         # the moves happen): the facts of the per-version events it replaced, in one detail.
         events.append(_event("meter.claim", "ok", fresh.meter.serial,

@@ -151,7 +151,6 @@ def close_all() -> None:
     release_shared_locks()
 
 
-
 # SoftHSM2 reads its token files when the module loads and when a session logs in. Another
 # process that logs in or writes token objects at that moment can leave them unreadable for an
 # instant: the token is then missing from the slot list, or the call fails with GeneralError
@@ -186,5 +185,6 @@ def _load(module: str, token_label: str, pin: str) -> tuple[Any, Any, Any]:
                 raise
             time.sleep(LOAD_BACKOFF_SECONDS * attempt)
     raise AssertionError("unreachable")
+
 
 __all__ = ["Hsm", "close_all"]

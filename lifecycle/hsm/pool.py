@@ -75,7 +75,7 @@ class HsmWorkers:
         self._cleanup = cleanup
         self._lock = threading.Lock()
         self._closed = False
-        self._jobs = 0
+        self._jobs = 0  # submitted to the current pool
         self._retired: list[ProcessPoolExecutor] = []  # finishing their last jobs
         self._pool: ProcessPoolExecutor | None = self._start() if workers > 0 else None
         self._owner: weakref.WeakKeyDictionary[Future[Any], ProcessPoolExecutor] = \
@@ -88,7 +88,7 @@ class HsmWorkers:
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(fields,))
 
-    def _recycled(self, pool: ProcessPoolExecutor) -> ProcessPoolExecutor:
+    def _recycled(self) -> ProcessPoolExecutor:
         # SoftHSM2 2.6.1 never frees a destroyed session object (SoftHSMv2 issues 562 and 563:
         # the memory returns only at C_Finalize), about 120 bytes a key here. The workers are
         # therefore replaced after a bounded number of jobs, which keeps memory flat: the
@@ -96,13 +96,12 @@ class HsmWorkers:
         # pool finishes the jobs it holds and its processes then exit. Not
         # ``ProcessPoolExecutor(max_tasks_per_child=...)``: up to Python 3.13 it stops running
         # queued jobs once a worker exits at its limit while others wait (CPython gh-115634).
+        assert self._pool is not None
+        if self._jobs >= self.workers * self.settings.worker_recycle_jobs:
+            self._pool.shutdown(wait=False)
+            self._retired.append(self._pool)
+            self._pool = self._start()
         self._jobs += 1
-        if self._jobs <= self.workers * self.settings.worker_recycle_jobs:
-            return pool
-        pool.shutdown(wait=False)
-        self._retired.append(pool)
-        self._pool = self._start()
-        self._jobs = 1
         return self._pool
 
     def submit(self, fn: Callable[[Settings, JobT], ResultT], job: JobT) -> Future[ResultT]:
@@ -125,7 +124,7 @@ class HsmWorkers:
             if self._pool is None:
                 self._pool = self._start()
             try:
-                future = self._recycled(self._pool).submit(_run, fn, job)
+                future = self._recycled().submit(_run, fn, job)
             except BrokenProcessPool:
                 self._replace(self._pool)
                 assert self._pool is not None

@@ -230,6 +230,10 @@ class Anchors:
     trusted: tuple[bytes, ...] = ()
     refused: tuple[tuple[bytes, str], ...] = ()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to HSM workers by pickle; parsed certificates do not pickle (nor need to).
+        return {"trusted": self.trusted, "refused": self.refused}
+
     @functools.cached_property
     def parsed(self) -> tuple[x509.Certificate, ...]:
         """The attested CAs, parsed once for all the meters they verify."""
@@ -306,8 +310,8 @@ def factory_refusal(meter: FactoryCheck, cas: Anchors, now: datetime) -> str | N
 
 def check_factory_job(_settings: Settings, job: FactoryCheckJob) -> list[str | None]:
     """Each meter's refusal (``factory_refusal``), in order: an ``HsmWorkers`` job."""
-    cas = {vendor: Anchors(a.trusted, a.refused) for vendor, a in job.anchors.items()}
-    return [factory_refusal(m, cas.get(m.vendor_id, Anchors()), job.now) for m in job.meters]
+    return [factory_refusal(m, job.anchors.get(m.vendor_id, Anchors()), job.now)
+            for m in job.meters]
 
 
 def anchors(rows: Sequence[RegisteredCa],

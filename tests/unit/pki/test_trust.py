@@ -99,3 +99,26 @@ def test_errors_pickle(makers) -> None:  # type: ignore[no-untyped-def]
     again = pickle.loads(pickle.dumps(error))  # noqa: S301 - our own object
     assert isinstance(again, FactoryTrustError) and again.meter == "ACM0000000007"
     assert str(again) == str(error)
+
+
+def test_the_factory_check_job_runs_on_anchors_sent_by_pickle_after_use(makers) -> None:  # type: ignore[no-untyped-def]
+    """Anchors already used in this process (their CAs parsed, which do not pickle) still go
+    to an HSM worker; there the job accepts the good meter and names why the others fail."""
+    import base64
+    import pickle
+
+    anchors = trust.Anchors(tuple(_cas(makers["acme"])))
+    assert anchors.parsed  # parsed here first, as a caller verifying meters would
+    good = base64.b64encode(_factory_cert(makers["acme"], 1)).decode()
+    other = base64.b64encode(_factory_cert(makers["borealis"], 1)).decode()
+    meters = (trust.FactoryCheck("ACM0000000007", TITLE, 1, 7, good),
+              trust.FactoryCheck("ACM0000000007", TITLE, 1, 7, other),
+              trust.FactoryCheck("ACM0000000007", TITLE, 1, 7, "not base64!"),
+              trust.FactoryCheck("ACM0000000007", TITLE, 1, 8, good))
+    sent = pickle.dumps(trust.FactoryCheckJob(meters, {7: anchors}, NOW))
+    job = pickle.loads(sent)  # noqa: S301 - our own object
+    reasons = trust.check_factory_job(None, job)  # type: ignore[arg-type]
+    assert reasons[0] is None
+    assert reasons[1] is not None and "not signed by a registered factory CA" in reasons[1]
+    assert reasons[2] == "factory certificate refused: not base64"
+    assert reasons[3] is not None and "no registered factory CA" in reasons[3]
