@@ -121,6 +121,7 @@ class KeyPlan:
 
 
 CLAIMABLE = ("registered", "claimed")
+_KEYS = tuple(KeyId)  # iterating the enum itself costs more, per meter
 _KEY_IDS = frozenset(int(k) for k in KeyId)
 
 
@@ -155,7 +156,7 @@ def plan_keys(meter: MeterView) -> KeyPlan:
             active[k.key_id] = active.get(k.key_id, 0) + 1
         elif k.state == "pending":
             waiting.setdefault(k.key_id, []).append(k.version)
-    for key in KeyId:
+    for key in _KEYS:
         if active.get(key, 0) != 1:
             raise ClaimError(f"meter {meter.serial}", f"{key.name} has {active.get(key, 0)} "
                                                       "active versions, not one")
@@ -223,24 +224,21 @@ def confirm(meter: MeterView) -> list[Transition]:
     Raises:
         ClaimError: the meter has not one pending version of each key (see ``plan_keys``).
     """
-    plan = plan_keys(meter)
+    plan = plan_keys(meter)  # one active version of each key, one pending of each
     if plan.make:
         raise ClaimError(f"meter {meter.serial}", "nothing pending to confirm")
+    old = {k.key_id: k.version for k in meter.keys if k.state == "active"}
     moves: list[Transition] = []
-    for key in KeyId:
-        old = meter.of_key(key, "active")[0]
+    for key in _KEYS:
         moves += [Transition(int(key), plan.new_version, "active"),
-                  Transition(int(key), old.version, "retired"),
-                  Transition(int(key), old.version, "destroyed")]
+                  Transition(int(key), old[key], "retired"),
+                  Transition(int(key), old[key], "destroyed")]
     return moves
 
 
-def final_states(meter: MeterView, moves: Sequence[Transition]) -> dict[tuple[int, int], str]:
-    """Return (key id, version) -> state after the moves (the last move of a version wins)."""
-    states = {(k.key_id, k.version): k.state for k in meter.keys}
-    for move in moves:
-        states[(move.key_id, move.version)] = move.to
-    return states
+def last_moves(moves: Sequence[Transition]) -> dict[tuple[int, int], str]:
+    """Return (key id, version) -> state after the moves, for the versions they move only."""
+    return {(move.key_id, move.version): move.to for move in moves}
 
 
 def overdue(created_at: datetime, now: datetime, wait_seconds: float) -> bool:

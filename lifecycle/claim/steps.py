@@ -155,14 +155,25 @@ class _Meter:
                          tuple(rules.KeyView(k.key_id, k.version, k.state) for k in self.keys))
 
     def key(self, key_id: KeyId, state: str) -> claims.KeyRow:
-        return next(k for k in self.keys if k.key_id == key_id and k.state == state)
+        return self.by_state[(key_id, state)]
+
+    @functools.cached_property
+    def by_state(self) -> dict[tuple[int, str], claims.KeyRow]:
+        """(key id, state) -> the first version of that key in that state."""
+        found: dict[tuple[int, str], claims.KeyRow] = {}
+        for k in self.keys:
+            found.setdefault((k.key_id, k.state), k)
+        return found
 
 
-def _load(engine: Engine, meter_ids: Sequence[int], state: str | None = None) -> list[_Meter]:
+def _load(engine: Engine, meter_ids: Sequence[int], blobs_of: KeyId,
+          state: str | None = None) -> list[_Meter]:
+    # Only ``blobs_of``'s blobs are read: a step uses one key's (the master's to make the new
+    # keys, the GUEK's to check proofs); the others stay in the database.
     with transaction(engine) as session:
         found = [m for m in claims.meter_rows(session, meter_ids)
                  if state is None or m.state == state]
-        keys = claims.key_rows_of(session, [int(m.id or 0) for m in found])
+        keys = claims.key_rows_of(session, [int(m.id or 0) for m in found], blobs_of=blobs_of)
     return [_Meter(m, keys[int(m.id or 0)]) for m in found]
 
 
@@ -177,7 +188,7 @@ def prepare_chunk(workers: HsmWorkers, engine: Engine, settings: Settings, actor
     report = Report()
     meters = []
     events: list[dict[str, Any]] = []
-    items = _load(engine, meter_ids)
+    items = _load(engine, meter_ids, KeyId.KEK)
     untrusted = _untrusted(workers, engine, settings,
                            [m for m in items if rules.refusal(m.view) is None], now)
     for item in items:
@@ -414,9 +425,9 @@ def settle(workers: HsmWorkers, engine: Engine, settings: Settings, actor: Actor
         HsmError: the HSM failed as a whole.
     """
     with transaction(engine) as session:
-        orders = claims.orders_by_id(session, [o.order_id for o in outcomes])
+        orders = claims.orders_by_id(session, [o.order_id for o in outcomes], key_data=False)
     meter_ids = sorted({o.meter_id for o in orders.values()})
-    by_id = {int(m.meter.id or 0): m for m in _load(engine, meter_ids)}
+    by_id = {int(m.meter.id or 0): m for m in _load(engine, meter_ids, KeyId.GUEK)}
     checks: list[tuple[Outcome, _Meter]] = []
     for outcome in outcomes:
         order = orders.get(outcome.order_id)
@@ -498,7 +509,8 @@ def _commit_judged(engine: Engine, settings: Settings, actor: Actor,
     report = Report()
     gueks = [int(k.id or 0) for m in by_id.values() for k in m.keys if k.key_id == KeyId.GUEK]
     with _WRITE_LOCK, transaction(engine) as session:
-        work = _Pass(claims.orders_by_id(session, [o.order_id for o in outcomes]),
+        work = _Pass(claims.orders_by_id(session, [o.order_id for o in outcomes],
+                                         key_data=False, challenge=False),
                      claims.last_counters(session, gueks))
         events: list[dict[str, Any]] = []
         for outcome in outcomes:
@@ -540,10 +552,11 @@ def _last_counter(counters: dict[int, int], item: _Meter, evidence: Evidence) ->
 
 
 def _guek_of(item: _Meter, evidence: Evidence) -> claims.KeyRow | None:
-    state = {Evidence.PENDING: KeyState.PENDING, Evidence.ACTIVE: KeyState.ACTIVE}.get(evidence)
-    if state is None:
-        return None
-    return next((k for k in item.keys if k.key_id == KeyId.GUEK and k.state == state), None)
+    state = _GUEK_STATE.get(evidence)
+    return None if state is None else item.by_state.get((KeyId.GUEK, state))
+
+
+_GUEK_STATE = {Evidence.PENDING: KeyState.PENDING, Evidence.ACTIVE: KeyState.ACTIVE}
 
 
 _OUTCOME = {Verdict.CONFIRM: "ok", Verdict.FACTORY: "refused", Verdict.UNPROVEN: "unproven",
@@ -627,10 +640,8 @@ def _confirm_many(session: Any, items: Sequence[_Meter], events: list[dict[str, 
         for move in moves:
             moved[_VERBS[move.to]].append(ids[(move.key_id, move.version)])
         # Each moved version written once, in its final state (retired then destroyed: destroyed).
-        touched = {(move.key_id, move.version) for move in moves}
         changes += [(ids[version], to, expires[version[0]] if to == KeyState.ACTIVE else None)
-                    for version, to in rules.final_states(fresh.view, moves).items()
-                    if version in touched]
+                    for version, to in rules.last_moves(moves).items()]
         # One event per meter naming the key versions of each move (ids by verb, in the order
         # the moves happen): the facts of the per-version events it replaced, in one detail.
         events.append(_event("meter.claim", "ok", fresh.meter.serial,
@@ -655,7 +666,7 @@ def recover(workers: HsmWorkers, hes: Hes, engine: Engine, settings: Settings, a
     Raises:
         HsmError: the HSM failed as a whole.
     """
-    items = _load(engine, meter_ids, MeterState.CLAIMED)
+    items = _load(engine, meter_ids, KeyId.GUEK, MeterState.CLAIMED)
     asks: list[tuple[str, _Meter, bytes, bytes]] = []
     report = Report()
     for item in items:

@@ -24,6 +24,7 @@ from sqlalchemy import (
     LargeBinary,
     Text,
     bindparam,
+    case,
     func,
     null,
     select,
@@ -142,12 +143,19 @@ def meter_rows(session: Session, ids: Sequence[int]) -> list[MeterRow]:
     return cast(list[MeterRow], sorted(out, key=lambda m: m.serial))
 
 
-def key_rows_of(session: Session, meter_ids: Sequence[int],
-                blobs: bool = True) -> dict[int, list[KeyRow]]:
+def key_rows_of(session: Session, meter_ids: Sequence[int], blobs: bool = True,
+                blobs_of: int | None = None) -> dict[int, list[KeyRow]]:
     """Return the claim's columns of each meter's key versions, by key id then version
-    (``blobs=False``: ``blob`` and ``mac`` are None, for a caller that reads only states)."""
+    (``blobs=False``: ``blob`` and ``mac`` are None, for a caller that reads only states;
+    ``blobs_of``: only that key's versions carry them, for a caller that uses one key)."""
     t = KeyVersion.__table__.c
-    wrapped = (t.blob, t.mac) if blobs else (null().label("blob"), null().label("mac"))
+    if not blobs:
+        wrapped: tuple[Any, ...] = (null().label("blob"), null().label("mac"))
+    elif blobs_of is None:
+        wrapped = (t.blob, t.mac)
+    else:
+        wrapped = (case((t.key_id == blobs_of, t.blob), else_=null()).label("blob"),
+                   case((t.key_id == blobs_of, t.mac), else_=null()).label("mac"))
     stmt = select(t.id, t.meter_id, t.key_id, t.version, t.state, *wrapped)
     out: dict[int, list[KeyRow]] = {int(i): [] for i in meter_ids}
     for part in _id_slices(meter_ids):
@@ -213,19 +221,23 @@ class OrderRow(Protocol):
     def challenge(self) -> bytes: ...
 
 
-def _order_columns() -> tuple[Any, ...]:
+def _order_columns(key_data: bool = True, challenge: bool = True) -> tuple[Any, ...]:
     t = ClaimOrder.__table__.c
-    return (t.order_id, t.meter_id, t.attempt, t.kind, t.status, t.hes_status, t.key_data,
-            t.challenge)
+    return (t.order_id, t.meter_id, t.attempt, t.kind, t.status, t.hes_status,
+            t.key_data if key_data else null().label("key_data"),
+            t.challenge if challenge else null().label("challenge"))
 
 
-def orders_by_id(session: Session, order_ids: Sequence[str]) -> dict[str, OrderRow]:
+def orders_by_id(session: Session, order_ids: Sequence[str], key_data: bool = True,
+                 challenge: bool = True) -> dict[str, OrderRow]:
     """Return the known orders among the given ids (rows, not ORM objects: a chunk is
-    thousands of orders, and building objects was most of its cost)."""
+    thousands of orders, and building objects was most of its cost; ``key_data`` or
+    ``challenge`` False: that column is None, for a caller that does not use it)."""
     t = ClaimOrder.__table__.c
     out: dict[str, OrderRow] = {}
+    columns = _order_columns(key_data, challenge)
     for part in slices(list(order_ids)):
-        for order in session.execute(select(*_order_columns()).where(
+        for order in session.execute(select(*columns).where(
                 t.order_id.in_(part))).all():
             out[order.order_id] = cast(OrderRow, order)
     return out

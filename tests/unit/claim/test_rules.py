@@ -88,7 +88,7 @@ def test_confirm_activates_pending_and_destroys_factory_after_retiring() -> None
     view = meter({1: "active", 2: "pending"}, state="claimed")
     moves = rules.confirm(view)
     assert [m.to for m in moves if m.version == 1] == ["retired", "destroyed"] * 4
-    final = rules.final_states(view, moves)
+    final = rules.last_moves(moves)
     assert final == {(k, 1): "destroyed" for k in ALL} | {(k, 2): "active" for k in ALL}
 
 
