@@ -91,9 +91,9 @@ class Settings(BaseSettings):
                             description="the Head End System the ownership claim talks to: "
                                         "file:<dir> (orders and outcomes as JSON lines in that "
                                         "folder) or simulated:<dir> (the simulator's HES)")
-    claim_chunk_size: int = Field(default=2000, ge=1, le=20000, description="meters per chunk "
+    claim_chunk_size: int = Field(default=4000, ge=1, le=20000, description="meters per chunk "
                                   "of an ownership claim (one HSM job and one transaction)")
-    certify_chunk_size: int = Field(default=2000, ge=1, le=20000, description="claimed meters "
+    certify_chunk_size: int = Field(default=4000, ge=1, le=20000, description="claimed meters "
                                     "per chunk of the claim's certification (their requests "
                                     "checked and certificates issued over the HSM workers, "
                                     "recorded in one transaction)")
