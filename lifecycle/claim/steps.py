@@ -189,10 +189,10 @@ def prepare_chunk(workers: HsmWorkers, engine: Engine, settings: Settings, actor
     meters = []
     events: list[dict[str, Any]] = []
     items = _load(engine, meter_ids, KeyId.KEK)
+    refusals = [rules.refusal(m.view) for m in items]
     untrusted = _untrusted(workers, engine, settings,
-                           [m for m in items if rules.refusal(m.view) is None], now)
-    for item in items:
-        reason = rules.refusal(item.view)
+                           [m for m, r in zip(items, refusals, strict=True) if r is None], now)
+    for item, reason in zip(items, refusals, strict=True):
         if reason is None and (reason := untrusted.get(item.meter.serial)) is not None:
             events.append(_event("claim.prepare", "refused", item.meter.serial,
                                  {"reason": reason[:200]}))
@@ -334,7 +334,7 @@ def _commit_attempt(engine: Engine, settings: Settings, actor: Actor,
 def _reload(session: Any, items: Sequence[_Meter]) -> list[_Meter]:
     # States only: what the transaction decides on; the blobs were read (and checked) before.
     ids = [int(m.meter.id or 0) for m in items]
-    keys = claims.key_rows_of(session, ids, blobs=False)
+    keys = claims.key_rows_of(session, ids, blobs_of=None)
     return [_Meter(m, keys[int(m.id or 0)]) for m in claims.meter_rows(session, ids)]
 
 
@@ -425,7 +425,7 @@ def settle(workers: HsmWorkers, engine: Engine, settings: Settings, actor: Actor
         HsmError: the HSM failed as a whole.
     """
     with transaction(engine) as session:
-        orders = claims.orders_by_id(session, [o.order_id for o in outcomes], key_data=False)
+        orders = claims.orders_by_id(session, [o.order_id for o in outcomes])
     meter_ids = sorted({o.meter_id for o in orders.values()})
     by_id = {int(m.meter.id or 0): m for m in _load(engine, meter_ids, KeyId.GUEK)}
     checks: list[tuple[Outcome, _Meter]] = []
@@ -510,7 +510,7 @@ def _commit_judged(engine: Engine, settings: Settings, actor: Actor,
     gueks = [int(k.id or 0) for m in by_id.values() for k in m.keys if k.key_id == KeyId.GUEK]
     with _WRITE_LOCK, transaction(engine) as session:
         work = _Pass(claims.orders_by_id(session, [o.order_id for o in outcomes],
-                                         key_data=False, challenge=False),
+                                         challenge=False),
                      claims.last_counters(session, gueks))
         events: list[dict[str, Any]] = []
         for outcome in outcomes:

@@ -143,19 +143,15 @@ def meter_rows(session: Session, ids: Sequence[int]) -> list[MeterRow]:
     return cast(list[MeterRow], sorted(out, key=lambda m: m.serial))
 
 
-def key_rows_of(session: Session, meter_ids: Sequence[int], blobs: bool = True,
-                blobs_of: int | None = None) -> dict[int, list[KeyRow]]:
-    """Return the claim's columns of each meter's key versions, by key id then version
-    (``blobs=False``: ``blob`` and ``mac`` are None, for a caller that reads only states;
-    ``blobs_of``: only that key's versions carry them, for a caller that uses one key)."""
+def key_rows_of(session: Session, meter_ids: Sequence[int],
+                blobs_of: int | None) -> dict[int, list[KeyRow]]:
+    """Return the claim's columns of each meter's key versions, by key id then version. Only
+    the versions of key ``blobs_of`` carry ``blob`` and ``mac`` (a step uses one key's); the
+    others' are None, all of them with ``blobs_of=None`` (for a caller that reads states)."""
     t = KeyVersion.__table__.c
-    if not blobs:
-        wrapped: tuple[Any, ...] = (null().label("blob"), null().label("mac"))
-    elif blobs_of is None:
-        wrapped = (t.blob, t.mac)
-    else:
-        wrapped = (case((t.key_id == blobs_of, t.blob), else_=null()).label("blob"),
-                   case((t.key_id == blobs_of, t.mac), else_=null()).label("mac"))
+    wrapped = (case((t.key_id == blobs_of, t.blob), else_=null()).label("blob"),
+               case((t.key_id == blobs_of, t.mac), else_=null()).label("mac")) \
+        if blobs_of is not None else (null().label("blob"), null().label("mac"))
     stmt = select(t.id, t.meter_id, t.key_id, t.version, t.state, *wrapped)
     out: dict[int, list[KeyRow]] = {int(i): [] for i in meter_ids}
     for part in _id_slices(meter_ids):
@@ -228,14 +224,14 @@ def _order_columns(key_data: bool = True, challenge: bool = True) -> tuple[Any, 
             t.challenge if challenge else null().label("challenge"))
 
 
-def orders_by_id(session: Session, order_ids: Sequence[str], key_data: bool = True,
+def orders_by_id(session: Session, order_ids: Sequence[str],
                  challenge: bool = True) -> dict[str, OrderRow]:
     """Return the known orders among the given ids (rows, not ORM objects: a chunk is
-    thousands of orders, and building objects was most of its cost; ``key_data`` or
-    ``challenge`` False: that column is None, for a caller that does not use it)."""
+    thousands of orders, and building objects was most of its cost). ``key_data`` is None:
+    settling an outcome never needs the keys sent; ``challenge`` too with ``challenge=False``."""
     t = ClaimOrder.__table__.c
     out: dict[str, OrderRow] = {}
-    columns = _order_columns(key_data, challenge)
+    columns = _order_columns(key_data=False, challenge=challenge)
     for part in slices(list(order_ids)):
         for order in session.execute(select(*columns).where(
                 t.order_id.in_(part))).all():
