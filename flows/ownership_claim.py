@@ -39,7 +39,7 @@ def ownership_claim(batch_id: int | None = None, vendor: str | None = None,
     chunks = t.select_meters(batch_id, vendor, serials)
     hes = t.open_hes()
     report = t.empty_report()
-    with t.open_workers(workers) as pool:
+    with t.paused_collector() as collect, t.open_workers(workers) as pool:
         # quote(): the pool, the HES and the orders pass to the tasks as they are (Prefect
         # would otherwise walk them for futures). The chunks' id lists too: walking hundreds
         # of ids per task call for futures costs Prefect about a tenth of the claim's time.
@@ -63,6 +63,7 @@ def ownership_claim(batch_id: int | None = None, vendor: str | None = None,
             report.merge(t.settle_outcomes(pool_q, quote(outcomes), actor))  # type: ignore[call-overload]
             report.merge(t.recover_meters(pool_q, hes_q, ids, actor))  # type: ignore[call-overload]
             certifying.append(t.certify_meters.submit(pool_q, hes_q, ids, actor))  # type: ignore[call-overload]
+            collect()  # the cycles this chunk left (the collector waits for this call)
         for done in certifying:
             report.merge(done.result())
         # Meters claimed by a run that stopped before certifying them.

@@ -6,11 +6,15 @@ policy; orders (wrapped keys and challenges) pass between tasks in memory only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 import hes_adapters
+from lifecycle import heap
 from lifecycle.audit.chain import Actor
 from lifecycle.claim import certification, steps
 from lifecycle.hes.port import Hes, KeyOrder, OneAtATime
@@ -24,6 +28,12 @@ def open_hes() -> Hes:
     """The HES of this process's settings (``hes``: file:<dir> or simulated:<dir>), called one
     call at a time (the claim's tasks run in threads)."""
     return OneAtATime(hes_adapters.open_hes(context.settings()))
+
+
+def paused_collector() -> AbstractContextManager[Callable[[], int]]:
+    """Pause the garbage collector for the run; the call it gives collects between chunks
+    (``lifecycle.heap``: the automatic collections cost more than the claim's own Python)."""
+    return heap.paused()
 
 
 def empty_report() -> steps.Report:
