@@ -168,6 +168,7 @@ def _check_name(path: str, name: str) -> None:
 
 
 # --- hashing -------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)  # a batch of events shares one time
 def _iso(at: datetime) -> str:
     if at.utcoffset() is None:  # a database without time zones returns UTC without an offset
         at = at.replace(tzinfo=UTC)
