@@ -47,28 +47,31 @@ def ownership_claim(batch_id: int | None = None, vendor: str | None = None,
         # The HSM workers should never wait for this process: PREPARE_AHEAD chunks have their
         # keys made while this one is settled, and a settled chunk's certificates are issued
         # (in the workers) while the next chunks go on. A chunk's keys and orders still commit
-        # together, and each meter's certificates follow its proven claim.
-        ahead = [t.prepare_chunk.submit(pool_q, quote(c), actor)  # type: ignore[call-overload]
-                 for c in chunks[:PREPARE_AHEAD]]
+        # together, and each meter's certificates follow its proven claim. Each chunk's tasks
+        # carry its place, and the workers serve earlier chunks first: the flow gets what it
+        # waits for (this chunk's proofs) before the keys made ahead.
+        ahead = [t.prepare_chunk.submit(pool_q, quote(c), actor, i)  # type: ignore[call-overload]
+                 for i, c in enumerate(chunks[:PREPARE_AHEAD])]
         certifying = []
         for i, chunk in enumerate(chunks):
             ids = quote(chunk)
-            ahead += [t.prepare_chunk.submit(pool_q, quote(c), actor)  # type: ignore[call-overload]
-                      for c in chunks[i + PREPARE_AHEAD:i + PREPARE_AHEAD + 1]]
+            ahead += [t.prepare_chunk.submit(pool_q, quote(c), actor, j)  # type: ignore[call-overload]
+                      for j, c in enumerate(chunks[i + PREPARE_AHEAD:i + PREPARE_AHEAD + 1],
+                                            start=i + PREPARE_AHEAD)]
             orders, prepared = ahead.pop(0).result()
             report.merge(prepared)
             t.submit_orders(hes_q, quote(orders), actor)  # type: ignore[call-overload]
             outcomes = t.collect_outcomes(  # type: ignore[call-overload]
                 hes_q, quote([o.order_id for o in orders]), wait_seconds)
-            report.merge(t.settle_outcomes(pool_q, quote(outcomes), actor))  # type: ignore[call-overload]
-            report.merge(t.recover_meters(pool_q, hes_q, ids, actor))  # type: ignore[call-overload]
-            certifying.append(t.certify_meters.submit(pool_q, hes_q, ids, actor))  # type: ignore[call-overload]
+            report.merge(t.settle_outcomes(pool_q, quote(outcomes), actor, i))  # type: ignore[call-overload]
+            report.merge(t.recover_meters(pool_q, hes_q, ids, actor, i))  # type: ignore[call-overload]
+            certifying.append(t.certify_meters.submit(pool_q, hes_q, ids, actor, i))  # type: ignore[call-overload]
             collect()  # the cycles this chunk left (the collector waits for this call)
         for done in certifying:
             report.merge(done.result())
         # Meters claimed by a run that stopped before certifying them.
         for chunk in t.select_uncertified(batch_id, vendor, serials):
-            report.merge(t.certify_meters(pool_q, hes_q, quote(chunk), actor))  # type: ignore[call-overload]
+            report.merge(t.certify_meters(pool_q, hes_q, quote(chunk), actor, len(chunks)))  # type: ignore[call-overload]
     t.finish_claim(report, actor)
     t.publish_report(report)
     return report.summary()

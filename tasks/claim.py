@@ -59,11 +59,13 @@ def select_meters(batch_id: int | None, vendor: str | None,
 
 @task(name="prepare-chunk", persist_result=False, cache_policy=NO_CACHE, retries=3,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=context.retry_on_transient)
-def prepare_chunk(workers: HsmWorkers, meter_ids: list[int],
-                  actor: Actor) -> tuple[list[KeyOrder], steps.Report]:
-    """Make (or find) a chunk's pending keys in the HSM and commit its orders."""
-    return steps.prepare_chunk(workers, context.engine(), context.settings(), actor, meter_ids,
-                               context.now())
+def prepare_chunk(workers: HsmWorkers, meter_ids: list[int], actor: Actor,
+                  chunk: int = 0) -> tuple[list[KeyOrder], steps.Report]:
+    """Make (or find) a chunk's pending keys in the HSM and commit its orders (``chunk``: its
+    place in the run; the HSM workers serve lower places first)."""
+    with workers.ranked(chunk):
+        return steps.prepare_chunk(workers, context.engine(), context.settings(), actor,
+                                   meter_ids, context.now())
 
 
 @task(name="submit-orders", persist_result=False, cache_policy=NO_CACHE)
@@ -80,19 +82,22 @@ def collect_outcomes(hes: Hes, order_ids: list[str], wait_seconds: float) -> lis
 
 @task(name="settle-outcomes", persist_result=False, cache_policy=NO_CACHE, retries=3,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=context.retry_on_transient)
-def settle_outcomes(workers: HsmWorkers, outcomes: list, actor: Actor) -> steps.Report:  # type: ignore[type-arg]
+def settle_outcomes(workers: HsmWorkers, outcomes: list, actor: Actor,  # type: ignore[type-arg]
+                    chunk: int = 0) -> steps.Report:
     """Check the outcomes' proofs in the HSM and commit what they prove."""
-    return steps.settle(workers, context.engine(), context.settings(), actor, outcomes,
-                        context.now())
+    with workers.ranked(chunk):
+        return steps.settle(workers, context.engine(), context.settings(), actor, outcomes,
+                            context.now())
 
 
 @task(name="recover-meters", persist_result=False, cache_policy=NO_CACHE, retries=3,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=context.retry_on_transient)
-def recover_meters(workers: HsmWorkers, hes: Hes, meter_ids: list[int],
-                   actor: Actor) -> steps.Report:
+def recover_meters(workers: HsmWorkers, hes: Hes, meter_ids: list[int], actor: Actor,
+                   chunk: int = 0) -> steps.Report:
     """Ask the meters still in claim to prove the GUEK they hold, and settle them by it."""
-    return steps.recover(workers, hes, context.engine(), context.settings(), actor, meter_ids,
-                         context.now())
+    with workers.ranked(chunk):
+        return steps.recover(workers, hes, context.engine(), context.settings(), actor,
+                             meter_ids, context.now())
 
 
 @task(name="select-uncertified", persist_result=False, cache_policy=NO_CACHE)
@@ -108,12 +113,13 @@ def select_uncertified(batch_id: int | None, vendor: str | None,
 
 @task(name="certify-meters", persist_result=False, cache_policy=NO_CACHE, retries=3,
       retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=context.retry_on_transient)
-def certify_meters(workers: HsmWorkers, hes: Hes, meter_ids: list[int],
-                   actor: Actor) -> steps.Report:
+def certify_meters(workers: HsmWorkers, hes: Hes, meter_ids: list[int], actor: Actor,
+                   chunk: int = 0) -> steps.Report:
     """Check the meters' certificate requests, issue their certificates in the HSM, record
     them and hand them to the HES."""
-    return certification.certify(workers, hes, context.engine(), context.settings(), actor,
-                                 meter_ids, context.now())
+    with workers.ranked(chunk):
+        return certification.certify(workers, hes, context.engine(), context.settings(),
+                                     actor, meter_ids, context.now())
 
 
 @task(name="finish-claim", persist_result=False, cache_policy=NO_CACHE)

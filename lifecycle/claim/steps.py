@@ -70,6 +70,9 @@ from lifecycle.policy import CRYPTOPERIODS, SUITES, KeyId
 
 ORIGIN = "claim"
 POLL_SECONDS = 0.2
+# Meters a worker job at most. The workers serve an earlier chunk's jobs first, but do not stop
+# one under way: a job the flow waits for starts within one such part of the work made ahead.
+PART = 1000
 _WRITE_LOCK = threading.Lock()  # writers of one process take turns (see factory_import.steps)
 
 
@@ -275,11 +278,12 @@ def _make_keys(workers: HsmWorkers, settings: Settings,
 
 def _spread(workers: HsmWorkers, submit: Callable[[list[Any]], Future[list[Any]]],
             items: Sequence[Any]) -> list[Any]:
-    """Run a batch job over the workers, one part each (submitted together so they work in
-    parallel); return the parts' results in the items' order."""
+    """Run a batch job over the workers in parts of at most ``PART`` items, at least one a
+    worker (submitted together so they work in parallel); return the parts' results in the
+    items' order."""
     if not items:
         return []
-    size = -(-len(items) // max(1, workers.workers))
+    size = min(PART, -(-len(items) // max(1, workers.workers)))
     futures = [submit(list(items[i:i + size])) for i in range(0, len(items), size)]
     return [result for future in futures for result in workers.result(future)]
 

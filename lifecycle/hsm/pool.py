@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import heapq
+import itertools
 import multiprocessing
 import signal
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
@@ -73,8 +76,14 @@ class HsmWorkers:
         self.settings = settings
         self.workers = workers
         self._cleanup = cleanup
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # RLock: a job done already calls back at once
         self._closed = False
+        # Jobs not yet handed to the pool, most urgent first: (rank, order, fn, job, future).
+        self._waiting: list[tuple[int, int, Callable[[Settings, Any], Any], Any,
+                                  Future[Any]]] = []
+        self._order = itertools.count()
+        self._in_flight = 0  # handed to the pool, not yet done
+        self._local = threading.local()
         self._jobs = 0  # submitted to the current pool
         self._retired: list[ProcessPoolExecutor] = []  # finishing their last jobs
         self._pool: ProcessPoolExecutor | None = self._start() if workers > 0 else None
@@ -104,8 +113,23 @@ class HsmWorkers:
         self._jobs += 1
         return self._pool
 
+    @contextlib.contextmanager
+    def ranked(self, rank: int) -> Iterator[None]:
+        """Give the jobs this thread submits inside the block ``rank`` (see ``submit``)."""
+        outer = getattr(self._local, "rank", 0)
+        self._local.rank = rank
+        try:
+            yield
+        finally:
+            self._local.rank = outer
+
     def submit(self, fn: Callable[[Settings, JobT], ResultT], job: JobT) -> Future[ResultT]:
         """Run ``fn(settings, job)`` on a worker (``fn`` must be a module-level function).
+
+        The pool holds one job a worker; the others wait here, lowest rank first (``ranked``;
+        0 outside it), in the order submitted within a rank. The claim ranks each chunk's jobs
+        by the chunk's place: the workers finish what the flow waits for first (the current
+        chunk's proofs) before the keys of the chunks made ahead.
 
         Raises:
             PermanentHsmError: the pool is closed (a task still running when its flow ended
@@ -120,17 +144,41 @@ class HsmWorkers:
             except Exception as exc:  # noqa: BLE001 - handed to the caller through the future
                 done.set_exception(exc)
             return done
+        future: Future[ResultT] = Future()
         with self._lock:
+            rank = getattr(self._local, "rank", 0)
+            heapq.heappush(self._waiting, (rank, next(self._order), fn, job, future))
+            self._dispatch()
+        return future
+
+    def _dispatch(self) -> None:
+        # Under the lock: hand waiting jobs to the pool while a worker is free.
+        while self._waiting and self._in_flight < self.workers and not self._closed:
+            _, _, fn, job, future = heapq.heappop(self._waiting)
+            if not future.set_running_or_notify_cancel():
+                continue
             if self._pool is None:
                 self._pool = self._start()
             try:
-                future = self._recycled().submit(_run, fn, job)
+                inner = self._recycled().submit(_run, fn, job)
             except BrokenProcessPool:
                 self._replace(self._pool)
                 assert self._pool is not None
-                future = self._pool.submit(_run, fn, job)
+                inner = self._pool.submit(_run, fn, job)
             self._owner[future] = self._pool
-            return future
+            self._in_flight += 1
+            inner.add_done_callback(functools.partial(self._finished, future))
+
+    def _finished(self, future: Future[Any], inner: Future[Any]) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self._dispatch()
+        if inner.cancelled():  # its pool was shut down: the caller's ``result`` says so
+            future.set_exception(CancelledError())
+        elif (error := inner.exception()) is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(inner.result())
 
     def result(self, future: Future[ResultT]) -> ResultT:
         """Wait for a job, translating a dead worker into a transient error.
@@ -156,16 +204,22 @@ class HsmWorkers:
 
     def close(self) -> None:
         """Stop the workers; their sessions, and the session keys in them, end with them."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            for *_, future in self._waiting:
+                future.cancel()
+            self._waiting.clear()
+            pools = [*self._retired, *([self._pool] if self._pool else [])]
+            self._retired.clear()
+            self._pool = None
         if self.workers == 0:
             if self._cleanup is not None:
                 self._cleanup(self.settings)
             return
-        with self._lock:
-            for pool in [*self._retired, *([self._pool] if self._pool else [])]:
-                pool.shutdown(wait=True, cancel_futures=True)
-            self._retired.clear()
-            self._pool = None
+        # Outside the lock: a job finishing meanwhile calls back into it (``_finished``), from
+        # the thread that the shutdown waits for.
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> HsmWorkers:
         return self

@@ -159,3 +159,53 @@ def test_a_closed_pool_starts_no_workers_again(settings, transport) -> None:  # 
     with pytest.raises(PermanentHsmError, match="workers are closed"):
         pool.submit(run_rewrap, _job(settings, transport, []))
     assert _workers() == []
+
+
+def test_waiting_jobs_go_by_rank_then_in_order(settings, transport) -> None:  # type: ignore[no-untyped-def]
+    # One worker, busy with the first job: the rest wait in the pool and go lowest rank first
+    # (a claim's earlier chunk before the chunks made ahead); a plain executor runs them in
+    # the order submitted.
+    tk = transport[2]
+    keys = [aes_key_wrap(tk, os.urandom(16)) for _ in range(300)]
+    done: list[str] = []
+    with HsmWorkers(settings, 1) as pool:
+        futures = []
+        for name, rank in (("first", 0), ("chunk-3", 3), ("chunk-2a", 2), ("chunk-2b", 2),
+                           ("chunk-1", 1)):
+            with pool.ranked(rank):
+                future = pool.submit(run_rewrap, _job(settings, transport, keys))
+            future.add_done_callback(lambda _, name=name: done.append(name))
+            futures.append(future)
+        assert all(all(pool.result(f)) for f in futures)
+    assert done == ["first", "chunk-1", "chunk-2a", "chunk-2b", "chunk-3"]
+
+
+def test_jobs_waiting_when_a_worker_dies_run_on_fresh_workers(settings, transport) -> None:  # type: ignore[no-untyped-def]
+    tk = transport[2]
+    big = [aes_key_wrap(tk, os.urandom(16)) for _ in range(40_000)]
+    small = [aes_key_wrap(tk, os.urandom(16)) for _ in range(20)]
+    with HsmWorkers(settings, 1) as pool:
+        running = pool.submit(run_rewrap, _job(settings, transport, big))
+        waiting = [pool.submit(run_rewrap, _job(settings, transport, small)) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while not _workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        for worker in _workers():
+            os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(TransientHsmError, match="worker process died"):
+            pool.result(running)
+        assert all(len(pool.result(f)) == 20 for f in waiting)
+
+
+def test_closing_cancels_the_jobs_still_waiting(settings, transport) -> None:  # type: ignore[no-untyped-def]
+    tk = transport[2]
+    keys = [aes_key_wrap(tk, os.urandom(16)) for _ in range(2000)]
+    pool = HsmWorkers(settings, 1)
+    first = pool.submit(run_rewrap, _job(settings, transport, keys))
+    waiting = pool.submit(run_rewrap, _job(settings, transport, keys))
+    pool.close()
+    assert waiting.cancelled()
+    with pytest.raises(TransientHsmError):
+        pool.result(waiting)
+    assert first.done()
