@@ -743,8 +743,16 @@ def finish(engine: Engine, settings: Settings, actor: Actor, report: Report,
 
 
 def claim_workers(settings: Settings, workers: int) -> HsmWorkers:
-    """Start the HSM workers of a claim (``0``: the work runs in this process)."""
-    return HsmWorkers(settings, workers)
+    """Start the HSM workers of a claim (``0``: the work runs in this process).
+
+    They are replaced after twice ``worker_recycle_jobs`` jobs each: a claim's jobs are parts
+    of at most ``PART`` meters, half what they were when that bound was set, so the session
+    objects SoftHSM2 leaks stay within the same memory. (Replacing them as often as before
+    cost the 20,000-meter claim 2.85-3.18 ms of worker processor time a meter instead of
+    2.36-2.59.)
+    """
+    twice = settings.model_copy(update={"worker_recycle_jobs": 2 * settings.worker_recycle_jobs})
+    return HsmWorkers(twice, workers)
 
 
 # --- a HES reached through files -------------------------------------------------------------
