@@ -42,6 +42,15 @@ def _workers() -> list[psutil.Process]:
             not in " ".join(p.cmdline())]
 
 
+def _kill_the_workers_at_work() -> None:
+    deadline = time.monotonic() + 30
+    while not _workers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # well into the job
+    for worker in _workers():
+        os.kill(worker.pid, signal.SIGKILL)
+
+
 def test_workers_rewrap_like_the_process_itself(settings, hsm, transport) -> None:  # type: ignore[no-untyped-def]
     tk = transport[2]
     keys = [aes_key_wrap(tk, os.urandom(16)) for _ in range(200)]
@@ -61,12 +70,7 @@ def test_a_killed_worker_fails_one_job_transiently_and_the_retry_succeeds(
     big = [aes_key_wrap(tk, os.urandom(16)) for _ in range(40_000)]
     with HsmWorkers(settings, 1) as pool:
         future = pool.submit(run_rewrap, _job(settings, transport, big))
-        deadline = time.monotonic() + 30
-        while not _workers() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
-        for worker in _workers():
-            os.kill(worker.pid, signal.SIGKILL)
+        _kill_the_workers_at_work()
         with pytest.raises(TransientHsmError, match="worker process died"):
             pool.result(future)
         again = pool.result(pool.submit(run_rewrap, _job(settings, transport, big[:100])))
@@ -187,12 +191,7 @@ def test_jobs_waiting_when_a_worker_dies_run_on_fresh_workers(settings, transpor
     with HsmWorkers(settings, 1) as pool:
         running = pool.submit(run_rewrap, _job(settings, transport, big))
         waiting = [pool.submit(run_rewrap, _job(settings, transport, small)) for _ in range(2)]
-        deadline = time.monotonic() + 30
-        while not _workers() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
-        for worker in _workers():
-            os.kill(worker.pid, signal.SIGKILL)
+        _kill_the_workers_at_work()
         with pytest.raises(TransientHsmError, match="worker process died"):
             pool.result(running)
         assert all(len(pool.result(f)) == 20 for f in waiting)
