@@ -589,8 +589,10 @@ def _apply(work: _Pass, judged: _Judged, item: _Meter | None, report: Report,
                          "detail": json.dumps({"evidence": str(judged.evidence),
                                                "reason": judged.reason[:200]})})
     if judged.verdict == Verdict.CONFIRM:
-        work.confirmed.setdefault(item.meter.serial, item)
-        if item.meter.serial not in report.claimed:
+        # The pass's confirmed meters and the report's claimed ones are the same (both added
+        # here only): the dict answers "already counted" at once, the list would be searched.
+        if item.meter.serial not in work.confirmed:
+            work.confirmed[item.meter.serial] = item
             report.claimed.append(item.meter.serial)
     elif judged.verdict == Verdict.FACTORY:
         report.failed[item.meter.serial] = "the meter proves its factory GUEK: it did not " \
