@@ -19,13 +19,13 @@ seconds and competes with the Prefect server for the same two cores.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import heapq
 import itertools
 import multiprocessing
-import signal
+import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
@@ -37,6 +37,7 @@ from lifecycle.errors import PermanentHsmError, TransientHsmError
 
 JobT = TypeVar("JobT")
 ResultT = TypeVar("ResultT")
+PARENT_CHECK_SECONDS = 0.5  # how soon a worker whose parent died ends
 
 
 class _Worker:
@@ -52,9 +53,20 @@ def _init_worker(fields: dict[str, Any]) -> None:
 
 
 def _die_with_parent() -> None:
-    # A worker whose parent was killed must not linger holding an HSM session.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    # A worker whose parent was killed must not linger holding an HSM session: a thread of the
+    # worker watches for the parent process to go (the worker is then re-parented) and ends the
+    # worker at once. Not PR_SET_PDEATHSIG: Linux sends that signal when the *thread* that
+    # started the worker ends, and workers are started by whichever thread hands the pool a
+    # job (a caller's, or the pool's own that calls back when a job ends), so it killed healthy
+    # workers, mid-job at times.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)  # nothing to clean up: the HSM session and its session keys end with us
+
+    threading.Thread(target=watch, name="meterkeys-parent-watch", daemon=True).start()
 
 
 def _run(fn: Callable[[Settings, Any], Any], job: Any) -> Any:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -110,6 +114,61 @@ def test_jobs_queued_beyond_the_workers_all_run_across_a_recycling(settings, tra
         for worker in _workers() if stuck else []:  # a hung pool would hang the close below
             worker.kill()
         pool.close()
+
+
+def test_workers_outlive_the_thread_that_started_them(settings, transport) -> None:  # type: ignore[no-untyped-def]
+    """A worker is started by whichever thread hands the pool a job: a caller's, or the thread
+    of the pool that calls back when a job ends (a replacement after a recycling). It must
+    live on when that thread ends. With ``PR_SET_PDEATHSIG``, which Linux ties to the thread
+    that started the process and not to the process, the worker got SIGTERM when that thread
+    ended, and the next job failed with a broken pool (seen once in CI)."""
+    tk = transport[2]
+    keys = [aes_key_wrap(tk, os.urandom(16)) for _ in range(5)]
+    with HsmWorkers(settings, 1) as pool:
+        first: list[bool] = []
+        started: set[int] = set()
+
+        def start() -> None:
+            first.extend(pool.result(pool.submit(run_rewrap, _job(settings, transport, keys))))
+            started.update(p.pid for p in _workers())
+
+        starter = threading.Thread(target=start)
+        starter.start()
+        starter.join()
+        assert first and all(first) and started
+        time.sleep(1.0)  # the starting thread has ended: any signal tied to it has landed
+        assert {p.pid for p in _workers()} == started  # the worker lives on
+        assert all(pool.result(pool.submit(run_rewrap, _job(settings, transport, keys))))
+        assert {p.pid for p in _workers()} == started  # and ran the next job itself
+
+
+def test_a_worker_ends_when_its_parent_process_is_killed(settings) -> None:  # type: ignore[no-untyped-def]
+    """A worker must not outlive its parent holding an HSM session: kill the parent with
+    SIGKILL (nothing of it runs) and its worker is gone within a few seconds."""
+    script = (
+        "import sys, time\n"
+        "from lifecycle.config import load_settings\n"
+        "from lifecycle.hsm.pool import HsmWorkers\n"
+        "from lifecycle.meter_keys.transfer import ProofJob, run_proof_checks\n"
+        "if __name__ == '__main__':\n"
+        "    pool = HsmWorkers(load_settings(), 1)\n"
+        "    assert pool.result(pool.submit(run_proof_checks, ProofJob([]))) == []\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[3])
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
+        workers = [p for p in psutil.Process(parent.pid).children(recursive=True)
+                   if "resource_tracker" not in " ".join(p.cmdline())]
+        assert workers, "the parent started no worker"
+        parent.kill()
+        parent.wait(timeout=10)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"workers outlived their parent: {[p.pid for p in alive]}"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
 
 
 def test_a_permanent_error_in_a_worker_reaches_the_caller_as_itself(settings, transport) -> None:  # type: ignore[no-untyped-def]
