@@ -20,6 +20,7 @@ from cli.common import authorize, console, engine, err_console, reports_errors, 
 from lifecycle.claim import certification, steps
 from lifecycle.clock import utcnow
 from lifecycle.hes.files import FileHes, read_bytes
+from lifecycle.hsm.pool import HsmWorkers
 from lifecycle.installation import steps as installation
 
 app = typer.Typer(no_args_is_help=True, help="The claim's work exchanged with a HES as files.")
@@ -54,7 +55,7 @@ def confirm(file: Path = typer.Argument(..., exists=True, dir_okay=False,
     installation.check_keys(s, engine())
     steps.record_rejected(engine(), actor, str(file), answers.rejected, utcnow())
     report = steps.Report()
-    with steps.claim_workers(s, 0) as workers:
+    with HsmWorkers(s, 0) as workers:
         if answers.outcomes:
             report.merge(steps.settle(workers, engine(), s, actor, answers.outcomes, utcnow()))
         certified, issued = certification.certify_from_requests(

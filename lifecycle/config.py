@@ -52,9 +52,11 @@ class Settings(BaseSettings):
     database_url: str | None = None
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0)
     chunk_size: int = Field(default=5000, ge=1)
-    worker_recycle_jobs: int = Field(default=25, ge=1,
-                                     description="jobs a worker after which the HSM workers "
-                                                 "are replaced together")
+    worker_recycle_objects: int = Field(default=500_000, ge=1,
+                                        description="HSM session objects a worker makes (keys "
+                                                    "generated or unwrapped in flight) after "
+                                                    "which the HSM workers are replaced "
+                                                    "together")
     principal_key: str | None = Field(default=None, description="your principal's private key: "
                                       "a PEM file, or pkcs11:token=LABEL;object=LABEL (a smart "
                                       "card)")

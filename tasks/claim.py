@@ -44,7 +44,7 @@ def empty_report() -> steps.Report:
 def open_workers(workers: int | None) -> HsmWorkers:
     """Start the HSM worker processes of a run (``None``: as many as settings say)."""
     settings = context.settings()
-    return steps.claim_workers(settings, settings.workers if workers is None else workers)
+    return HsmWorkers(settings, settings.workers if workers is None else workers)
 
 
 @task(name="select-meters", persist_result=False, cache_policy=NO_CACHE)

@@ -744,21 +744,6 @@ def finish(engine: Engine, settings: Settings, actor: Actor, report: Report,
         trail.checkpoint(session, hsm, settings, at=now)
 
 
-def claim_workers(settings: Settings, workers: int) -> HsmWorkers:
-    """Start the HSM workers of a claim (``0``: the work runs in this process).
-
-    They are replaced after twice ``worker_recycle_jobs`` jobs each: a claim's jobs are parts
-    of at most ``PART`` meters, half what they were when that bound was set, so the session
-    objects SoftHSM2 leaks stay within the same memory. (Replacing them as often as before
-    cost the 20,000-meter claim 2.85-3.18 ms of worker processor time a meter instead of
-    2.30-2.59, measured while new workers could still be killed at a replacement: see
-    ``lifecycle.hsm.pool._die_with_parent``.) A bound by work done, kept by the pool itself,
-    would replace this factor; it is not built.
-    """
-    twice = settings.model_copy(update={"worker_recycle_jobs": 2 * settings.worker_recycle_jobs})
-    return HsmWorkers(twice, workers)
-
-
 # --- a HES reached through files -------------------------------------------------------------
 def export_orders(engine: Engine, actor: Actor, now: datetime) -> list[KeyOrder]:
     """Return every order still waiting for an outcome, and audit the export (count only).

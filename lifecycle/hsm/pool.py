@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from lifecycle.config import Settings, private_umask
 from lifecycle.errors import PermanentHsmError, TransientHsmError
+from lifecycle.hsm.session import objects_made
 
 JobT = TypeVar("JobT")
 ResultT = TypeVar("ResultT")
@@ -69,9 +70,11 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="meterkeys-parent-watch", daemon=True).start()
 
 
-def _run(fn: Callable[[Settings, Any], Any], job: Any) -> Any:
+def _run(fn: Callable[[Settings, Any], Any], job: Any) -> tuple[Any, int]:
+    # The job's result, and how many HSM session objects it made (the pool's replacement bound).
     assert _Worker.settings is not None
-    return fn(_Worker.settings, job)
+    before = objects_made()
+    return fn(_Worker.settings, job), objects_made() - before
 
 
 class HsmWorkers:
@@ -96,7 +99,7 @@ class HsmWorkers:
         self._order = itertools.count()
         self._in_flight = 0  # handed to the pool, not yet done
         self._local = threading.local()
-        self._jobs = 0  # submitted to the current pool
+        self._made = 0  # HSM session objects the current pool's workers made
         self._retired: list[ProcessPoolExecutor] = []  # finishing their last jobs
         self._pool: ProcessPoolExecutor | None = self._start() if workers > 0 else None
         self._owner: weakref.WeakKeyDictionary[Future[Any], ProcessPoolExecutor] = \
@@ -104,7 +107,7 @@ class HsmWorkers:
 
     def _start(self) -> ProcessPoolExecutor:
         fields = self.settings.model_dump(exclude={"pin", "so_pin"})
-        self._jobs = 0
+        self._made = 0
         return ProcessPoolExecutor(
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(fields,))
@@ -112,17 +115,19 @@ class HsmWorkers:
     def _recycled(self) -> ProcessPoolExecutor:
         # SoftHSM2 2.6.1 never frees a destroyed session object (SoftHSMv2 issues 562 and 563:
         # the memory returns only at C_Finalize), about 120 bytes a key here. The workers are
-        # therefore replaced after a bounded number of jobs, which keeps memory flat: the
-        # whole pool at once, once it has run ``worker_recycle_jobs`` jobs a worker. The old
-        # pool finishes the jobs it holds and its processes then exit. Not
-        # ``ProcessPoolExecutor(max_tasks_per_child=...)``: up to Python 3.13 it stops running
-        # queued jobs once a worker exits at its limit while others wait (CPython gh-115634).
+        # therefore replaced by the work that leaks: the whole pool at once, once its workers
+        # have made ``worker_recycle_objects`` session objects each (counted where they are
+        # made, ``lifecycle.hsm.session.objects_made``; jobs that make none, such as
+        # signatures, never bring a replacement closer). The old pool finishes the jobs it
+        # holds and its processes then exit. Not ``ProcessPoolExecutor(max_tasks_per_child=
+        # ...)``: up to Python 3.13 it stops running queued jobs once a worker exits at its
+        # limit while others wait (CPython gh-115634), and a count of jobs says nothing of
+        # their size.
         assert self._pool is not None
-        if self._jobs >= self.workers * self.settings.worker_recycle_jobs:
+        if self._made >= self.workers * self.settings.worker_recycle_objects:
             self._pool.shutdown(wait=False)
             self._retired.append(self._pool)
             self._pool = self._start()
-        self._jobs += 1
         return self._pool
 
     @contextlib.contextmanager
@@ -182,15 +187,19 @@ class HsmWorkers:
             inner.add_done_callback(functools.partial(self._finished, future))
 
     def _finished(self, future: Future[Any], inner: Future[Any]) -> None:
+        error = None if inner.cancelled() else inner.exception()
+        result, made = inner.result() if not inner.cancelled() and error is None else (None, 0)
         with self._lock:
             self._in_flight -= 1
+            if self._owner.get(future) is self._pool:  # a retired pool's work is done with it
+                self._made += made
             self._dispatch()
         if inner.cancelled():  # its pool was shut down: the caller's ``result`` says so
             future.set_exception(CancelledError())
-        elif (error := inner.exception()) is not None:
+        elif error is not None:
             future.set_exception(error)
         else:
-            future.set_result(inner.result())
+            future.set_result(result)
 
     def result(self, future: Future[ResultT]) -> ResultT:
         """Wait for a job, translating a dead worker into a transient error.

@@ -51,6 +51,18 @@ OAEP_MECHANISMS = {"sha256": (Mechanism.SHA256, pkcs11.MGF.SHA256),
                    "sha1": (Mechanism.SHA_1, pkcs11.MGF.SHA1)}
 
 
+class _Made:
+    # Session objects made by this process's sessions: SoftHSM2 2.6.1 keeps the memory of each
+    # one until C_Finalize, so the HSM workers are replaced by this count (``lifecycle.hsm.pool``).
+    count = 0
+
+
+def objects_made() -> int:
+    """Return how many session objects (keys generated or unwrapped in flight) the HSM
+    sessions of this process have made so far."""
+    return _Made.count
+
+
 @dataclass
 class SessionKey:
     """A secret key that exists only as a session object of one HSM session.
@@ -319,6 +331,7 @@ class HsmSession:
         with translated("generate session key"):
             key = self._session.generate_key(KeyType.AES, bits, store=False,
                                              template=call_template(in_flight_profile()))
+        _Made.count += 1
         return SessionKey(key, bits)
 
     def unwrap_rsa_oaep(self, label: str, wrapped: bytes, *, oaep_hash: str = "sha256",
@@ -349,6 +362,7 @@ class HsmSession:
             except px.GeneralError as exc:
                 # SoftHSM2 reports an OAEP decoding failure (wrong key, tampering) this way.
                 raise px.EncryptedDataInvalid() from exc
+            _Made.count += 1
             # CKA_VALUE_LEN is checked where the module reports it; SoftHSM2 reports 0.
             length = int(key[Attribute.VALUE_LEN] or 0)
         if length and length * 8 != bits:
@@ -398,6 +412,7 @@ class HsmSession:
                                      mechanism=Mechanism.AES_KEY_WRAP, template=template)
             except UNWRAP_FAILED as exc:
                 raise px.WrappedKeyInvalid() from exc
+        _Made.count += 1
         return SessionKey(key, (len(blob) - 8) * 8)
 
     def unwrap_aes(self, wrapping: SessionKey | str, wrapped: bytes, *,
@@ -423,6 +438,7 @@ class HsmSession:
                                                template=call_template(in_flight_profile()))
             except UNWRAP_FAILED as exc:
                 raise px.WrappedKeyInvalid() from exc
+        _Made.count += 1
         return SessionKey(key, (len(wrapped) - 8) * 8)
 
     def wrap_aes(self, wrapping: SessionKey | str, key: SessionKey, *, pad: bool = False) -> bytes:
@@ -469,6 +485,7 @@ class HsmSession:
                 except UNWRAP_FAILED:
                     out.append(None)
                     continue
+                _Made.count += 1
                 try:
                     out.append(bytes(keks[label].wrap_key(key,
                                                           mechanism=Mechanism.AES_KEY_WRAP)))

@@ -14,10 +14,11 @@ import psutil
 import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-from lifecycle.errors import KeyNotFound, PermanentHsmError, TransientHsmError
+from lifecycle.errors import IntegrityError, KeyNotFound, PermanentHsmError, TransientHsmError
 from lifecycle.factory_import.rewrap import RewrapJob, run_rewrap
+from lifecycle.hsm.connection import Hsm
 from lifecycle.hsm.pool import HsmWorkers
-from lifecycle.hsm.session import ObjectClass
+from lifecycle.hsm.session import ObjectClass, objects_made
 from simulator.manufacturer import wrap_transport_key
 
 LABEL = "test-pool-import"
@@ -81,27 +82,63 @@ def test_a_killed_worker_fails_one_job_transiently_and_the_retry_succeeds(
     assert len(again) == 100 and all(again)
 
 
-def test_workers_are_replaced_after_a_bounded_number_of_jobs(settings, transport) -> None:  # type: ignore[no-untyped-def]
+def test_workers_are_replaced_after_a_bounded_number_of_session_objects(
+        settings, transport) -> None:  # type: ignore[no-untyped-def]
+    """Each job makes 51 session objects (the transport key and 50 keys in flight): with a
+    bound of 100 objects a worker, the worker is replaced after every second job."""
     tk = transport[2]
     keys = [aes_key_wrap(tk, os.urandom(16)) for _ in range(50)]
-    recycling = settings.model_copy(update={"worker_recycle_jobs": 2})
-    seen: set[int] = set()
+    recycling = settings.model_copy(update={"worker_recycle_objects": 100})
+    seen: list[set[int]] = []
     with HsmWorkers(recycling, 1) as pool:
         for _ in range(6):
             assert all(pool.result(pool.submit(run_rewrap, _job(recycling, transport, keys))))
-            seen.update(p.pid for p in _workers())
-    assert len(seen) >= 3, seen
+            seen.append({p.pid for p in _workers()})
+    assert len(set().union(*seen)) >= 3, seen
+    assert seen[0] & seen[1], "the first two jobs ran on the same worker"
+
+
+def test_jobs_that_make_no_session_objects_never_replace_the_workers(settings, hsm) -> None:  # type: ignore[no-untyped-def]
+    """MACs (like signatures) with a token key leave nothing behind in SoftHSM2: however many
+    such jobs run, with a bound of one object, the same worker goes on."""
+    recycling = settings.model_copy(update={"worker_recycle_objects": 1})
+    pids: set[int] = set()
+    with HsmWorkers(recycling, 1) as pool:
+        for _ in range(8):
+            assert pool.result(pool.submit(_mac_job, 20)) == 0
+            pids.update(p.pid for p in _workers())
+    assert len(pids) == 1, pids
+
+
+def test_session_objects_are_counted_where_they_are_made(settings, hsm) -> None:  # type: ignore[no-untyped-def]
+    before = objects_made()
+    with hsm.session() as s:
+        s.destroy(s.generate_session_aes(128))
+        blob = s.wrap_aes(settings.storage_kek_label, key := s.generate_session_aes(128))
+        s.destroy(key)
+        s.destroy(s.unwrap_stored(settings.storage_kek_label, blob))
+        with pytest.raises(IntegrityError):  # a blob that does not unwrap makes nothing
+            s.unwrap_stored(settings.storage_kek_label, blob[:-1] + bytes([blob[-1] ^ 1]))
+    assert objects_made() - before == 3
+
+
+def _mac_job(settings, count: int) -> int:  # type: ignore[no-untyped-def]
+    """A worker job: ``count`` MACs with the token's MAC key; the session objects made so far."""
+    with Hsm.open(settings).session() as s:
+        s.mac(settings.blob_mac_label, [b"message"] * count)
+    return objects_made()
 
 
 def test_jobs_queued_beyond_the_workers_all_run_across_a_recycling(settings, transport) -> None:  # type: ignore[no-untyped-def]
-    """Ten jobs submitted at once to one worker replaced every two jobs: all ten finish. With
+    """Ten jobs submitted at once to one worker replaced every two jobs (six session objects
+    each, a bound of twelve): all ten finish. With
     ``ProcessPoolExecutor(max_tasks_per_child=2)`` the pool ran two and then hung (CPython
     gh-115634), which stalled a claim whose chunks queue jobs ahead."""
     from concurrent.futures import wait
 
     tk = transport[2]
     keys = [aes_key_wrap(tk, os.urandom(16)) for _ in range(5)]
-    recycling = settings.model_copy(update={"worker_recycle_jobs": 2})
+    recycling = settings.model_copy(update={"worker_recycle_objects": 12})  # 6 objects a job
     pool = HsmWorkers(recycling, 1)
     stuck: set[object] = {None}
     try:
