@@ -13,7 +13,7 @@ from lifecycle.audit.chain import Actor
 from lifecycle.claim import steps
 from lifecycle.clock import utcnow
 from lifecycle.hsm.pool import HsmWorkers
-from lifecycle.inventory import claims, db, meters
+from lifecycle.inventory import audit_events, claims, db, meters
 from lifecycle.policy import KeyId
 from tests.integration.claim.test_claim import CLAIMED, FACTORY, key_states
 
@@ -136,3 +136,32 @@ def test_orders_exported_for_a_file_hes_and_confirmed_back(claim_fleet, tmp_path
                           utcnow())
     assert report.claimed == [serial], report
     assert key_states(cf.engine, serial) == CLAIMED
+
+
+def test_recovering_settled_meters_waits_for_no_writer_and_records_nothing(claim_fleet) -> None:  # type: ignore[no-untyped-def]
+    """The recovery of a chunk whose meters all proved their claim has nothing to settle: it
+    must not queue behind another chunk's commit (the workers would wait for both), nor write
+    to the trail."""
+    import threading
+
+    cf = claim_fleet
+    serial = cf.serials[3]
+    workers, orders = _prepare(cf, [serial])
+    hes = cf.hes()
+    hes.submit(orders)
+    assert steps.settle(workers, cf.engine, cf.settings, ACTOR, hes.outcomes(),
+                        utcnow()).claimed == [serial]
+    with db.snapshot(cf.engine) as session:
+        ids = [int(m.id or 0) for m in meters.list_meters(session, limit=100)
+               if m.serial == serial]
+        head = audit_events.read_head(session)
+    done: list[steps.Report] = []
+    with steps._WRITE_LOCK:  # another chunk's commit under way
+        runner = threading.Thread(target=lambda: done.append(steps.recover(
+            workers, hes, cf.engine, cf.settings, ACTOR, ids, utcnow())))
+        runner.start()
+        runner.join(timeout=30)
+        assert done, "the recovery waited for the other chunk's commit"
+    assert done[0].summary() == steps.Report().summary()
+    with db.snapshot(cf.engine) as session:
+        assert audit_events.read_head(session) == head
