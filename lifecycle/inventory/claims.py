@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     bindparam,
     case,
+    exists,
     func,
     null,
     select,
@@ -75,9 +76,11 @@ class CertificateOrder(SQLModel, table=True):
 
 def select_meter_ids(session: Session, *, batch_id: int | None = None,
                      vendor: str | None = None, serials: Sequence[str] = (),
-                     states: Sequence[str] = ()) -> list[int]:
-    """Return the ids of the meters of a batch, a vendor or a list of serials (in ``states``),
-    ordered by serial."""
+                     states: Sequence[str] = (), suites: Sequence[int] = (),
+                     no_certificate_order: str | None = None) -> list[int]:
+    """Return the ids of the meters of a batch, a vendor or a list of serials (in ``states``,
+    of ``suites``; with ``no_certificate_order``, only those without a certificate order in
+    that status), ordered by serial."""
     stmt = select(Meter.id).order_by(Meter.serial)
     if batch_id is not None:
         stmt = stmt.where(Meter.batch_id == batch_id)
@@ -85,6 +88,12 @@ def select_meter_ids(session: Session, *, batch_id: int | None = None,
         stmt = stmt.join(Vendor, Vendor.id == Meter.vendor_id).where(Vendor.name == vendor)
     if states:
         stmt = stmt.where(Meter.state.in_(list(states)))
+    if suites:
+        stmt = stmt.where(Meter.suite.in_(list(suites)))
+    if no_certificate_order is not None:
+        orders = CertificateOrder.__table__.c
+        stmt = stmt.where(~exists().where(orders.meter_id == Meter.id,
+                                          orders.status == no_certificate_order))
     if not serials:
         return [int(i) for (i,) in session.execute(stmt)]
     found: list[int] = []

@@ -175,3 +175,28 @@ def test_certificates_issued_but_not_delivered_are_delivered_by_the_next_run(  #
         assert certificates.count_issued(session) == issued  # the same certificates
     hes = claim_fleet.hes()
     assert all(len(hes.meters[s].certificates) == 2 for s in certified)
+
+
+def test_uncertified_meters_are_operational_suite_1_2_meters_without_a_delivered_order(  # type: ignore[no-untyped-def]
+        claim_fleet) -> None:
+    """What a claim run certifies at its end: written by plain SQL, the states it must see."""
+    from lifecycle.claim import certification
+    from lifecycle.claim.steps import Selection
+
+    run_ceremony(claim_fleet.fleet)
+    state = claim_fleet.run(vendor="acme")
+    assert state.is_completed(), state.message
+    engine, selection = claim_fleet.engine, Selection(vendor="acme")
+    assert certification.select_uncertified(engine, selection) == []
+    suites = suites_of(engine)
+    pending, lost, moved = sorted(s for s, n in suites.items() if n in (1, 2))[:3]
+    plain = next(s for s, n in suites.items() if n == 0)
+    with db.transaction(engine) as session:
+        ids = {m.serial: int(m.id or 0) for m in meters.list_meters(session, limit=100)}
+        orders = claims.CertificateOrder.__table__
+        session.execute(update(orders).where(orders.c.meter_id == ids[pending])
+                        .values(status="pending"))
+        session.execute(orders.delete().where(orders.c.meter_id.in_([ids[lost], ids[plain]])))
+        session.execute(update(meters.Meter.__table__).where(
+            meters.Meter.__table__.c.id == ids[moved]).values(state="retired"))
+    assert certification.select_uncertified(engine, selection) == [ids[pending], ids[lost]]
