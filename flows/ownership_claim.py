@@ -61,9 +61,9 @@ def ownership_claim(batch_id: int | None = None, vendor: str | None = None,
             orders, prepared = ahead.pop(0).result()
             report.merge(prepared)
             t.submit_orders(hes_q, quote(orders), actor)  # type: ignore[call-overload]
-            outcomes = t.collect_outcomes(  # type: ignore[call-overload]
+            collected = t.collect_outcomes(  # type: ignore[call-overload]
                 hes_q, quote([o.order_id for o in orders]), wait_seconds)
-            report.merge(t.settle_outcomes(pool_q, quote(outcomes), actor, i))  # type: ignore[call-overload]
+            report.merge(t.settle_outcomes(pool_q, quote(collected.outcomes), actor, i))  # type: ignore[call-overload]
             report.merge(t.recover_meters(pool_q, hes_q, ids, actor, i))  # type: ignore[call-overload]
             certifying.append(t.certify_meters.submit(pool_q, hes_q, ids, actor, i))  # type: ignore[call-overload]
             collect()  # the cycles this chunk left (the collector waits for this call)
