@@ -187,14 +187,15 @@ class HsmWorkers:
             inner.add_done_callback(functools.partial(self._finished, future))
 
     def _finished(self, future: Future[Any], inner: Future[Any]) -> None:
-        error = None if inner.cancelled() else inner.exception()
-        result, made = inner.result() if not inner.cancelled() and error is None else (None, 0)
+        cancelled = inner.cancelled()
+        error = None if cancelled else inner.exception()
+        result, made = (None, 0) if cancelled or error is not None else inner.result()
         with self._lock:
             self._in_flight -= 1
             if self._owner.get(future) is self._pool:  # a retired pool's work is done with it
                 self._made += made
             self._dispatch()
-        if inner.cancelled():  # its pool was shut down: the caller's ``result`` says so
+        if cancelled:  # its pool was shut down: the caller's ``result`` says so
             future.set_exception(CancelledError())
         elif error is not None:
             future.set_exception(error)
