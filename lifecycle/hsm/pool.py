@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from lifecycle.config import Settings, private_umask
 from lifecycle.errors import PermanentHsmError, TransientHsmError
+from lifecycle.hsm.connection import Hsm
 from lifecycle.hsm.session import objects_made
 
 JobT = TypeVar("JobT")
@@ -51,14 +52,24 @@ def _init_worker(fields: dict[str, Any]) -> None:
     _die_with_parent()
     private_umask()  # inherited from the parent already, unless a host process never set it
     _Worker.settings = Settings(**fields)
+    # Load the module and log in now, before the first job: the pool starts its workers when
+    # it is made, so this happens while the caller still prepares its first jobs. A failure is
+    # left to the first job, which reports it as its own error; raised here, it would break the
+    # pool, and a broken pool is retried as a dead worker.
+    with contextlib.suppress(Exception):
+        Hsm.open(_Worker.settings)
+
+
+def _started() -> None:
+    """A job that does nothing: handing one to each worker starts them all at once."""
 
 
 def _die_with_parent() -> None:
     # A worker whose parent was killed must not linger holding an HSM session: a thread of the
     # worker watches for the parent process to go (the worker is then re-parented) and ends the
     # worker at once. Not PR_SET_PDEATHSIG: Linux sends that signal when the *thread* that
-    # started the worker ends, and workers are started by whichever thread hands the pool a
-    # job (a caller's, or the pool's own that calls back when a job ends), so it killed healthy
+    # started the worker ends, and workers are started by whichever thread makes or replaces the
+    # pool (a caller's, or the pool's own that calls back when a job ends), so it killed healthy
     # workers, mid-job at times.
     parent = os.getppid()
 
@@ -108,9 +119,15 @@ class HsmWorkers:
     def _start(self) -> ProcessPoolExecutor:
         fields = self.settings.model_dump(exclude={"pin", "so_pin"})
         self._made = 0
-        return ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(fields,))
+        # The executor starts a worker per job as jobs come, and each then loads the module and
+        # logs in (about 0.4 s) while the job waits. Started now, they do that while the caller
+        # selects and loads its first work (and a replacement pool, while the old one finishes).
+        for _ in range(self.workers):
+            pool.submit(_started)
+        return pool
 
     def _recycled(self) -> ProcessPoolExecutor:
         # SoftHSM2 2.6.1 never frees a destroyed session object (SoftHSMv2 issues 562 and 563:

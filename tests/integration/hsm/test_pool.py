@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,7 +15,13 @@ import psutil
 import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-from lifecycle.errors import IntegrityError, KeyNotFound, PermanentHsmError, TransientHsmError
+from lifecycle.errors import (
+    ConfigError,
+    IntegrityError,
+    KeyNotFound,
+    PermanentHsmError,
+    TransientHsmError,
+)
 from lifecycle.factory_import.rewrap import RewrapJob, run_rewrap
 from lifecycle.hsm.connection import Hsm
 from lifecycle.hsm.pool import HsmWorkers
@@ -154,24 +161,26 @@ def test_jobs_queued_beyond_the_workers_all_run_across_a_recycling(settings, tra
 
 
 def test_workers_outlive_the_thread_that_started_them(settings, transport) -> None:  # type: ignore[no-untyped-def]
-    """A worker is started by whichever thread hands the pool a job: a caller's, or the thread
-    of the pool that calls back when a job ends (a replacement after a recycling). It must
+    """A worker is started by whichever thread makes or replaces the pool: a caller's, or the
+    thread of the pool that calls back when a job ends (a replacement after a recycling). It must
     live on when that thread ends. With ``PR_SET_PDEATHSIG``, which Linux ties to the thread
     that started the process and not to the process, the worker got SIGTERM when that thread
     ended, and the next job failed with a broken pool (seen once in CI)."""
     tk = transport[2]
     keys = [aes_key_wrap(tk, os.urandom(16)) for _ in range(5)]
-    with HsmWorkers(settings, 1) as pool:
-        first: list[bool] = []
-        started: set[int] = set()
+    made: list[HsmWorkers] = []
+    first: list[bool] = []
+    started: set[int] = set()
 
-        def start() -> None:
-            first.extend(pool.result(pool.submit(run_rewrap, _job(settings, transport, keys))))
-            started.update(p.pid for p in _workers())
+    def start() -> None:  # makes the pool (its workers start now) and runs a job
+        made.append(HsmWorkers(settings, 1))
+        first.extend(made[0].result(made[0].submit(run_rewrap, _job(settings, transport, keys))))
+        started.update(p.pid for p in _workers())
 
-        starter = threading.Thread(target=start)
-        starter.start()
-        starter.join()
+    starter = threading.Thread(target=start)
+    starter.start()
+    starter.join()
+    with made[0] as pool:
         assert first and all(first) and started
         time.sleep(1.0)  # the starting thread has ended: any signal tied to it has landed
         assert {p.pid for p in _workers()} == started  # the worker lives on
@@ -304,3 +313,32 @@ def test_closing_cancels_the_jobs_still_waiting(settings, transport) -> None:  #
     with pytest.raises(TransientHsmError):
         pool.result(waiting)
     assert first.done()
+
+
+def test_workers_start_and_load_the_module_when_the_pool_is_made(settings) -> None:  # type: ignore[no-untyped-def]
+    # No job is handed to the pool: its workers still start, each loading the PKCS#11 module
+    # (and logging in) by itself, so that the caller's first job does not wait for that.
+    module = str(Path(settings.module_path).resolve())
+
+    def loaded(worker: psutil.Process) -> bool:
+        with contextlib.suppress(psutil.Error):
+            return any(Path(m.path).resolve() == Path(module) for m in worker.memory_maps())
+        return False
+
+    with HsmWorkers(settings, 2):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and \
+                not (len(_workers()) == 2 and all(loaded(w) for w in _workers())):
+            time.sleep(0.05)
+        assert len(_workers()) == 2
+        assert all(loaded(w) for w in _workers())
+
+
+def test_a_worker_that_cannot_log_in_reports_it_with_its_first_job(settings, tmp_path,
+                                                                   transport) -> None:  # type: ignore[no-untyped-def]
+    # The workers log in as they start; a login that fails there must not break the pool (a
+    # broken pool reads as a dead worker, retried as transient): the first job meets the same
+    # error and the caller gets it as it is.
+    without_pin = settings.model_copy(update={"pin_file": tmp_path / "no-such.pin"})
+    with HsmWorkers(without_pin, 1) as pool, pytest.raises(ConfigError, match="no user PIN"):
+        pool.result(pool.submit(run_rewrap, _job(settings, transport, [])))
