@@ -35,11 +35,13 @@ def ownership_claim(batch_id: int | None = None, vendor: str | None = None,
     params = {"batch_id": batch_id, "vendor": vendor, "serials": serials,
               "wait_seconds": wait_seconds, "workers": workers}
     actor = approval.authorize_run(ACTION, params, request)
-    hsm.check_keys()
-    chunks = t.select_meters(batch_id, vendor, serials)
-    hes = t.open_hes()
-    report = t.empty_report()
-    with t.paused_collector() as collect, t.open_workers(workers) as pool:
+    # The HSM workers start once the run is authorized, and log in while this process checks
+    # the keys and selects the meters.
+    with t.open_workers(workers) as pool, t.paused_collector() as collect:
+        hsm.check_keys()
+        chunks = t.select_meters(batch_id, vendor, serials)
+        hes = t.open_hes()
+        report = t.empty_report()
         # quote(): the pool, the HES and the orders pass to the tasks as they are (Prefect
         # would otherwise walk them for futures). The chunks' id lists too: walking hundreds
         # of ids per task call for futures costs Prefect about a tenth of the claim's time.
