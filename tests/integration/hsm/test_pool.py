@@ -318,11 +318,11 @@ def test_closing_cancels_the_jobs_still_waiting(settings, transport) -> None:  #
 def test_workers_start_and_load_the_module_when_the_pool_is_made(settings) -> None:  # type: ignore[no-untyped-def]
     # No job is handed to the pool: its workers still start, each loading the PKCS#11 module
     # (and logging in) by itself, so that the caller's first job does not wait for that.
-    module = str(Path(settings.module_path).resolve())
+    module = Path(settings.module_path).resolve()
 
     def loaded(worker: psutil.Process) -> bool:
         with contextlib.suppress(psutil.Error):
-            return any(Path(m.path).resolve() == Path(module) for m in worker.memory_maps())
+            return any(Path(m.path).resolve() == module for m in worker.memory_maps())
         return False
 
     with HsmWorkers(settings, 2):
