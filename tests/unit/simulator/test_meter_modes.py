@@ -24,7 +24,7 @@ from lifecycle.dlms.key_transfer import TRANSFER_ORDER, KeyEntry
 from lifecycle.dlms.proof import new_challenge, parse_answer
 from lifecycle.hes.port import KeyOrder
 from lifecycle.policy import KeyId
-from simulator.hes import STATE_FILE, SimulatedHes
+from simulator.hes import JOURNAL_SUFFIX, STATE_FILE, SimulatedHes
 from simulator.meter import Answer, SimulatedMeter, check_mode
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
@@ -218,3 +218,82 @@ def test_the_simulated_hes_proves_for_recovery(tmp_path: Path) -> None:
     assert apdu.parse(again).invocation_counter > apdu.parse(proof).invocation_counter
     assert hes.prove("NOPE", title, challenge) is None
     assert hes.prove(meter.serial, "00" * 8, challenge) is None
+
+
+# --- the simulated HES's state: a snapshot and a journal of what each call changed -------------
+def _fleet(tmp_path: Path, n: int = 3) -> tuple[SimulatedHes, list[SimulatedMeter], Path]:
+    meters = [_meter(serial=f"ACM000000000{i}", title=f"41434D000000000{i}") for i in range(n)]
+    home = tmp_path / "sim"
+    hes = SimulatedHes.open(home, [_secrets(tmp_path / "batch.meter-secrets.jsonl", meters)],
+                            engine="cryptography", clock=lambda: NOW)
+    return hes, meters, home
+
+
+def _journal_lines(home: Path) -> list[dict[str, object]]:
+    path = home / (STATE_FILE + JOURNAL_SUFFIX)
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_a_call_appends_only_the_meters_it_changed(tmp_path: Path) -> None:
+    hes, meters, home = _fleet(tmp_path)
+    snapshot = (home / STATE_FILE).read_bytes()
+    new, data = _new_keys(meters[0])
+    hes.submit([_order(meters[0], data, new_challenge())])
+    assert (home / STATE_FILE).read_bytes() == snapshot  # the other meters are not rewritten
+    journal = home / (STATE_FILE + JOURNAL_SUFFIX)
+    assert stat.S_IMODE(journal.stat().st_mode) == 0o600  # it holds keys in clear, as the file
+    [line] = _journal_lines(home)
+    assert [m["serial"] for m in line["meters"]] == ["ACM0000000000"]  # type: ignore[index]
+    assert len(line["outcomes"]) == 1  # type: ignore[arg-type]
+    again = SimulatedHes.load(home)
+    assert again.meters["ACM0000000000"].keys == new
+    assert again.meters["ACM0000000001"].keys == meters[1].keys
+    assert [o.meter_serial for o in again.outcomes()] == ["ACM0000000000"]
+
+
+def test_a_call_cut_short_in_the_journal_never_happened(tmp_path: Path) -> None:
+    hes, meters, home = _fleet(tmp_path)
+    title = meters[1].system_title.hex().upper()
+    hes.prove(meters[1].serial, title, new_challenge())
+    hes.prove(meters[1].serial, title, new_challenge())
+    counter = hes.meters[meters[1].serial].invocation_counter
+    journal = home / (STATE_FILE + JOURNAL_SUFFIX)
+    whole = journal.read_bytes()
+    # Killed while appending the third call's line: part of it reached the disk.
+    with journal.open("ab") as fh:
+        fh.write(whole.splitlines(keepends=True)[-1][:40])
+    again = SimulatedHes.load(home)
+    assert again.meters[meters[1].serial].invocation_counter == counter
+    assert journal.read_bytes() == whole  # the part cut off, so the next line starts clean
+    again.prove(meters[1].serial, title, new_challenge())
+    assert SimulatedHes.load(home).meters[meters[1].serial].invocation_counter == counter + 1
+
+
+def test_a_journal_left_from_an_older_snapshot_is_not_replayed(tmp_path: Path) -> None:
+    hes, meters, home = _fleet(tmp_path)
+    title = meters[2].system_title.hex().upper()
+    hes.prove(meters[2].serial, title, new_challenge())
+    journal = home / (STATE_FILE + JOURNAL_SUFFIX)
+    first = journal.read_bytes()
+    hes.prove(meters[2].serial, title, new_challenge())
+    hes.save()  # a new snapshot; killed before the old journal was removed:
+    journal.write_bytes(first)
+    again = SimulatedHes.load(home)
+    assert again.meters[meters[2].serial].invocation_counter == 2  # not set back to 1
+    assert not journal.exists()
+
+
+def test_a_journal_that_outgrows_its_snapshot_becomes_a_new_one(tmp_path: Path) -> None:
+    hes, meters, home = _fleet(tmp_path, n=2)
+    generation = json.loads((home / STATE_FILE).read_text(encoding="utf-8"))["generation"]
+    title = meters[0].system_title.hex().upper()
+    journal = home / (STATE_FILE + JOURNAL_SUFFIX)
+    calls = 0
+    while calls == 0 or journal.exists():
+        hes.prove(meters[0].serial, title, new_challenge())
+        calls += 1
+        assert calls < 10
+    assert calls > 1  # the journal took the first calls
+    doc = json.loads((home / STATE_FILE).read_text(encoding="utf-8"))
+    assert doc["generation"] == generation + 1
+    assert SimulatedHes.load(home).meters[meters[0].serial].invocation_counter == calls
