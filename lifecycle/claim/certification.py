@@ -20,7 +20,6 @@ goes to the run's report and the audit trail, and the next run asks again.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from concurrent.futures import Future
 from datetime import datetime
@@ -44,6 +43,7 @@ from lifecycle.hes.port import (
     Hes,
     ImportStatus,
     MeterRef,
+    new_order_id,
 )
 from lifecycle.hsm.pool import HsmWorkers
 from lifecycle.inventory import certificates, claims
@@ -178,7 +178,7 @@ def _record(engine: Engine, settings: Settings, actor: Actor, meters: Sequence[M
         if len(pair) != len(profiles.USAGES):
             continue
         (who, sig), (_, agree) = pair[profiles.SIGNATURE], pair[profiles.KEY_AGREEMENT]
-        order = CertificateOrder(f"CC-{secrets.token_hex(8).upper()}", meter.serial,
+        order = CertificateOrder(new_order_id("CC"), meter.serial,
                                  meter.system_title, sig.der, agree.der, now)
         orders.append(order)
         rows.append({"order_id": order.order_id, "meter_id": meter.id,

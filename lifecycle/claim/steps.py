@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import json
-import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +45,7 @@ from lifecycle.claim.rules import Evidence, MeterView, OrderKind, OrderStatus, V
 from lifecycle.config import Settings
 from lifecycle.dlms.proof import new_challenge
 from lifecycle.errors import ClaimError, PortError
-from lifecycle.hes.port import Hes, KeyOrder, Outcome
+from lifecycle.hes.port import Hes, KeyOrder, Outcome, new_order_id
 from lifecycle.hsm import keyring
 from lifecycle.hsm.connection import Hsm
 from lifecycle.hsm.pool import HsmWorkers
@@ -314,7 +313,7 @@ def _commit_attempt(engine: Engine, settings: Settings, actor: Actor,
             attempt = 1 + max((o.attempt for o in latest.get(int(fresh.meter.id or 0), [])),
                               default=0)
             for kind in _ORDER_KINDS:
-                order = KeyOrder(_order_id(), serial, fresh.meter.system_title,
+                order = KeyOrder(new_order_id("CO"), serial, fresh.meter.system_title,
                                  fresh.meter.suite, key_data[kind], new_challenge(), now)
                 orders.append(order)
                 order_rows.append({"order_id": order.order_id, "meter_id": fresh.meter.id,
@@ -366,12 +365,6 @@ def _attempt_key_data(session: Any, item: _Meter, plan: rules.KeyPlan,
                          "mac": key.mac, "kek_label": key.kek_label, "origin": ORIGIN,
                          "created_at": now, "activated_at": None, "expires_at": None})
     return made.key_data
-
-
-def _order_id() -> str:
-    # 16 hex digits: unique enough under the primary key, and short of the 32-digit runs the
-    # audit trail refuses as possible key material.
-    return f"CO-{secrets.token_hex(8).upper()}"
 
 
 def _event(action: str, outcome: str, serial: str, detail: dict[str, Any],

@@ -4,7 +4,9 @@ line; the file adapter writes privately and atomically."""
 from __future__ import annotations
 
 import json
+import re
 import stat
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,12 +14,15 @@ import pytest
 
 from lifecycle.hes.files import FileHes
 from lifecycle.hes.port import (
+    HEX_RUN,
+    ORDER_ID_MAX,
     KeyOrder,
     Outcome,
     PortError,
     decode_orders,
     decode_outcomes,
     encode_lines,
+    new_order_id,
     order_line,
     outcome_line,
 )
@@ -108,3 +113,19 @@ def test_confirm_names_an_unreadable_file(tmp_path: Path) -> None:
 
 def test_an_order_never_shows_its_bytes_in_repr() -> None:
     assert ORDER.key_data.hex() not in repr(ORDER)
+
+
+def test_new_order_ids_sort_as_they_were_made_and_stay_unguessable() -> None:
+    made = []
+    for _ in range(20):
+        made.append(new_order_id("CO"))
+        time.sleep(0.002)  # the next millisecond
+    assert sorted(made) == made  # a chunk's orders go to the end of the orders' index
+    many = [new_order_id("CC") for _ in range(20_000)]
+    assert len(set(many)) == len(many)
+    assert len({i[-12:] for i in many}) == len(many)  # 48 random bits each, not a counter
+    for order_id in made + many[:100]:
+        assert re.fullmatch(r"C[OC]-[0-9A-F]{23}", order_id)
+        assert len(order_id) <= ORDER_ID_MAX and not HEX_RUN.search(order_id)
+    line = outcome_line(Outcome(made[0], "ACM0000000001", "ok", None, NOW))
+    assert decode_outcomes(line + "\n", "f")[0].order_id == made[0]
