@@ -63,12 +63,11 @@ class SimulatedHes:
     """The ``lifecycle.hes.port.Hes`` protocol over simulated meters."""
 
     def __init__(self, state_path: Path, meters: dict[str, SimulatedMeter],
-                 pending: list[Outcome] | None = None,
                  clock: Callable[[], datetime] = utcnow, generation: int = 0) -> None:
         self.state_path = state_path
         self.journal_path = state_path.with_name(state_path.name + JOURNAL_SUFFIX)
         self.meters = meters
-        self._pending = pending or []
+        self._pending: list[Outcome] = []
         self._clock = clock
         self.meter_seconds = 0.0
         self.state_seconds = 0.0

@@ -24,7 +24,7 @@ from lifecycle.dlms.key_transfer import TRANSFER_ORDER, KeyEntry
 from lifecycle.dlms.proof import new_challenge, parse_answer
 from lifecycle.hes.port import KeyOrder
 from lifecycle.policy import KeyId
-from simulator.hes import JOURNAL_SUFFIX, STATE_FILE, SimulatedHes
+from simulator.hes import STATE_FILE, SimulatedHes
 from simulator.meter import Answer, SimulatedMeter, check_mode
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
@@ -229,9 +229,8 @@ def _fleet(tmp_path: Path, n: int = 3) -> tuple[SimulatedHes, list[SimulatedMete
     return hes, meters, home
 
 
-def _journal_lines(home: Path) -> list[dict[str, object]]:
-    path = home / (STATE_FILE + JOURNAL_SUFFIX)
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+def _journal_lines(hes: SimulatedHes) -> list[dict[str, object]]:
+    return [json.loads(line) for line in hes.journal_path.read_text(encoding="utf-8").splitlines()]
 
 
 def test_a_call_appends_only_the_meters_it_changed(tmp_path: Path) -> None:
@@ -240,9 +239,9 @@ def test_a_call_appends_only_the_meters_it_changed(tmp_path: Path) -> None:
     new, data = _new_keys(meters[0])
     hes.submit([_order(meters[0], data, new_challenge())])
     assert (home / STATE_FILE).read_bytes() == snapshot  # the other meters are not rewritten
-    journal = home / (STATE_FILE + JOURNAL_SUFFIX)
+    journal = hes.journal_path
     assert stat.S_IMODE(journal.stat().st_mode) == 0o600  # it holds keys in clear, as the file
-    [line] = _journal_lines(home)
+    [line] = _journal_lines(hes)
     assert [m["serial"] for m in line["meters"]] == ["ACM0000000000"]  # type: ignore[index]
     assert len(line["outcomes"]) == 1  # type: ignore[arg-type]
     again = SimulatedHes.load(home)
@@ -257,7 +256,7 @@ def test_a_call_cut_short_in_the_journal_never_happened(tmp_path: Path) -> None:
     hes.prove(meters[1].serial, title, new_challenge())
     hes.prove(meters[1].serial, title, new_challenge())
     counter = hes.meters[meters[1].serial].invocation_counter
-    journal = home / (STATE_FILE + JOURNAL_SUFFIX)
+    journal = hes.journal_path
     whole = journal.read_bytes()
     # Killed while appending the third call's line: part of it reached the disk.
     with journal.open("ab") as fh:
@@ -273,7 +272,7 @@ def test_a_journal_left_from_an_older_snapshot_is_not_replayed(tmp_path: Path) -
     hes, meters, home = _fleet(tmp_path)
     title = meters[2].system_title.hex().upper()
     hes.prove(meters[2].serial, title, new_challenge())
-    journal = home / (STATE_FILE + JOURNAL_SUFFIX)
+    journal = hes.journal_path
     first = journal.read_bytes()
     hes.prove(meters[2].serial, title, new_challenge())
     hes.save()  # a new snapshot; killed before the old journal was removed:
@@ -287,7 +286,7 @@ def test_a_journal_that_outgrows_its_snapshot_becomes_a_new_one(tmp_path: Path) 
     hes, meters, home = _fleet(tmp_path, n=2)
     generation = json.loads((home / STATE_FILE).read_text(encoding="utf-8"))["generation"]
     title = meters[0].system_title.hex().upper()
-    journal = home / (STATE_FILE + JOURNAL_SUFFIX)
+    journal = hes.journal_path
     calls = 0
     while calls == 0 or journal.exists():
         hes.prove(meters[0].serial, title, new_challenge())
