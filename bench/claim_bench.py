@@ -230,7 +230,10 @@ def _hsm_workers() -> list[psutil.Process]:
 def run_claim(ctx: dict[str, Any], hes: Any, workers: int
               ) -> tuple[dict[str, Any], float, dict[str, float]]:
     """Run the claim; return its summary, its wall seconds, and the CPU seconds of the flow's
-    process, of the HSM workers and of the Prefect server during it."""
+    process, of the HSM workers, of the Prefect server and (on PostgreSQL on this machine) of
+    the database server during it."""
+    import bench_db
+
     import tasks.claim
     from flows.ownership_claim import ownership_claim
     from lifecycle import principals
@@ -246,6 +249,7 @@ def run_claim(ctx: dict[str, Any], hes: Any, workers: int
     signed = request.encode([principals.sign(ctx["engine"], ctx["operator"], "meter.claim",
                                              params, at=utcnow())])
     server = psutil.Process().children(recursive=True)  # the harness's Prefect server
+    database = bench_db.ServerCpu().start() if ctx["settings"].database_url else None
     before = (time.process_time(), _children_cpu(), _cpu_of(server))
     t0 = time.perf_counter()
     summary = ownership_claim(**params, request=signed)
@@ -254,6 +258,8 @@ def run_claim(ctx: dict[str, Any], hes: Any, workers: int
     after = (time.process_time(), _children_cpu(), _cpu_of(server))
     cpu = {name: b - a for name, a, b in zip(("flow", "workers", "prefect_server"), before,
                                               after, strict=True)}
+    if database is not None:
+        cpu["database"] = database.seconds()
     return summary, seconds, cpu
 
 
@@ -278,7 +284,18 @@ def main() -> None:
     parser.add_argument("--ceiling-meters", type=int, default=2000,
                         help="meters per process for the ceiling loops")
     parser.add_argument("--home", type=Path, default=None, help="state dir (default: temp)")
+    parser.add_argument("--database-url", default=None,
+                        help="run on PostgreSQL: postgresql://USER@HOST:PORT/DB (the run gets "
+                             "a schema of its own there, dropped at the end; default: SQLite)")
     args = parser.parse_args()
+    import bench_db
+
+    with bench_db.inventory_url(args.database_url) as url:
+        run(args, url)
+
+
+def run(args: argparse.Namespace, database_url: str | None) -> None:
+    """The benchmark on the inventory at ``database_url`` (``None``: SQLite in the home)."""
 
     os.umask(0o077)
     home = args.home or Path(tempfile.mkdtemp(prefix="meterkeys-claim-bench-"))
@@ -290,6 +307,8 @@ def main() -> None:
     os.environ["METERKEYS_HES"] = f"simulated:{home / 'sim' / 'hes'}"
     for name in ("METERKEYS_PIN", "METERKEYS_DATABASE_URL"):
         os.environ.pop(name, None)
+    if database_url is not None:
+        os.environ["METERKEYS_DATABASE_URL"] = database_url
     suites = (0, 1)
     ctx = setup(home, args.meters, suites)
     env = {k: v for k, v in os.environ.items() if k.startswith(("METERKEYS_", "PREFECT_"))}
@@ -356,7 +375,8 @@ def main() -> None:
         "claim_cpu_ms_per_meter": round(claim_cpu, 3), "hsm_cpu_ms_per_meter": round(hsm_cpu, 3),
         "cpu_ratio": round(hsm_cpu / claim_cpu, 3),
         "ratio": round(rate / many, 3),
-        "speedup_vs_one_process_ceiling": round(rate / one, 3)}))
+        "speedup_vs_one_process_ceiling": round(rate / one, 3),
+        "database": "postgresql" if database_url else "sqlite"}))
 
 
 if __name__ == "__main__":

@@ -208,14 +208,28 @@ def main() -> None:
     parser.add_argument("--ceiling-meters", type=int, default=20_000,
                         help="meters per process for the ceiling loops")
     parser.add_argument("--home", type=Path, default=None, help="state dir (default: temp)")
+    parser.add_argument("--database-url", default=None,
+                        help="run on PostgreSQL: postgresql://USER@HOST:PORT/DB (the run gets "
+                             "a schema of its own there, dropped at the end; default: SQLite)")
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_db
 
+    with bench_db.inventory_url(args.database_url) as url:
+        run(args, url)
+
+
+def run(args: argparse.Namespace, database_url: str | None) -> None:
+    """The benchmark on the inventory at ``database_url`` (``None``: SQLite in the home)."""
     home = args.home or Path(tempfile.mkdtemp(prefix="meterkeys-bench-"))
     os.environ["METERKEYS_HOME"] = str(home)
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
     os.environ["DO_NOT_TRACK"] = "1"
+    os.environ.pop("METERKEYS_DATABASE_URL", None)
+    if database_url is not None:
+        os.environ["METERKEYS_DATABASE_URL"] = database_url
     sys.path.insert(0, str(ROOT))
     ctx = setup(home, args.meters)
     env = {k: v for k, v in os.environ.items() if k.startswith(("METERKEYS_", "PREFECT_"))}
@@ -242,7 +256,8 @@ def main() -> None:
         "speedup_vs_one_process_ceiling": round(rate / one, 3),
         "peak_rss_mb": round(max(rss.flow_mb, rss.worker_mb), 1),
         "peak_rss_flow_mb": round(rss.flow_mb, 1), "peak_rss_worker_mb": round(rss.worker_mb, 1),
-        "generate_s": round(ctx["generated_s"], 1)}))
+        "generate_s": round(ctx["generated_s"], 1),
+        "database": "postgresql" if database_url else "sqlite"}))
 
 
 if __name__ == "__main__":
