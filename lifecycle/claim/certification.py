@@ -48,7 +48,7 @@ from lifecycle.hes.port import (
 from lifecycle.hsm.pool import HsmWorkers
 from lifecycle.inventory import certificates, claims
 from lifecycle.inventory.claims import MeterRow
-from lifecycle.inventory.db import Engine, transaction
+from lifecycle.inventory.db import Engine, refresh_statistics, transaction
 from lifecycle.inventory.meters import MeterState
 from lifecycle.pki import profiles
 from lifecycle.pki import steps as pki
@@ -93,6 +93,7 @@ def certify(workers: HsmWorkers, hes: Hes, engine: Engine, settings: Settings, a
     requests = _checked_requests(hes, asked, report, events)
     issued = _issue(workers, settings, engine, requests, report, events, now)
     fresh = _record(engine, settings, actor, asked, issued, events, now)
+    refresh_statistics(engine)
     _deliver(hes, engine, actor, [*again, *fresh], report, now)
     return report
 

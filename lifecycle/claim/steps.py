@@ -50,7 +50,7 @@ from lifecycle.hsm import keyring
 from lifecycle.hsm.connection import Hsm
 from lifecycle.hsm.pool import HsmWorkers
 from lifecycle.inventory import audit_events, claims
-from lifecycle.inventory.db import Engine, transaction
+from lifecycle.inventory.db import Engine, refresh_statistics, transaction
 from lifecycle.inventory.meters import KeyState, MeterState
 from lifecycle.meter_keys.transfer import (
     MeterTransfer,
@@ -209,6 +209,7 @@ def prepare_chunk(workers: HsmWorkers, engine: Engine, settings: Settings, actor
     fresh = [(m, p) for m, p in meters if p.make]
     made = _make_keys(workers, settings, fresh) if fresh else {}
     orders = _commit_attempt(engine, settings, actor, meters, made, report, events, now)
+    refresh_statistics(engine)
     return orders, report
 
 
@@ -441,7 +442,9 @@ def settle(workers: HsmWorkers, engine: Engine, settings: Settings, actor: Actor
                                              for o, item in checks],
                          {o.order_id: Evidence.ACTIVE for o, _ in checks
                           if orders[o.order_id].kind == OrderKind.MASTER})
-    return _commit_judged(engine, settings, actor, outcomes, orders, by_id, evidence, now)
+    report = _commit_judged(engine, settings, actor, outcomes, orders, by_id, evidence, now)
+    refresh_statistics(engine)
+    return report
 
 
 def _evidence(workers: HsmWorkers, settings: Settings,

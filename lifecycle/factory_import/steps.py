@@ -46,7 +46,7 @@ from lifecycle.hsm.connection import Hsm
 from lifecycle.hsm.pool import HsmWorkers
 from lifecycle.inventory import batches, meters, vendors
 from lifecycle.inventory.batches import BatchStatus, ImportBatch
-from lifecycle.inventory.db import Engine, transaction
+from lifecycle.inventory.db import Engine, refresh_statistics, transaction
 from lifecycle.inventory.meters import KeyState, MeterState
 from lifecycle.policy import CRYPTOPERIODS, KeyId
 
@@ -303,6 +303,7 @@ def store_chunk(engine: Engine, settings: Settings, actor: Actor, plan: BatchPla
         batches.bump_batch(session, plan.batch_id, len(rows), len(fresh))
         with Hsm.open(settings).session() as hsm:
             trail.maybe_checkpoint(session, hsm, settings, at=now)
+    refresh_statistics(engine)  # the next chunk's reads plan against this one's rows
     return ChunkResult(imported=len(rows), quarantined=len(fresh), skipped=decided.skipped)
 
 

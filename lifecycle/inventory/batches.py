@@ -11,7 +11,7 @@ from sqlmodel import Field, Session, SQLModel
 
 from lifecycle.clock import utcnow
 from lifecycle.errors import InventoryError
-from lifecycle.inventory.db import bulk_insert
+from lifecycle.inventory.db import among, bulk_insert
 
 
 class BatchStatus(StrEnum):
@@ -94,7 +94,7 @@ def quarantine(session: Session, batch_id: int,
     seen = {(r, f) for r, f in session.execute(
         select(QuarantinedRow.row, QuarantinedRow.field).where(
             QuarantinedRow.batch_id == batch_id,
-            QuarantinedRow.row.in_([r["row"] for r in rows])))}
+            among(session, QuarantinedRow.row, [r["row"] for r in rows])))}
     fresh = [dict(r, batch_id=batch_id) for r in rows if (r["row"], r["field"]) not in seen]
     if fresh:
         bulk_insert(session.connection(), QuarantinedRow.__table__, fresh)

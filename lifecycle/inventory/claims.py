@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sqlmodel import Field, Session, SQLModel
 
 from lifecycle.clock import utcnow
-from lifecycle.inventory.db import bulk_insert, slices
+from lifecycle.inventory.db import among, bulk_insert, slices
 from lifecycle.inventory.meters import KeyState, KeyVersion, Meter
 from lifecycle.inventory.vendors import Vendor
 
@@ -98,7 +98,8 @@ def select_meter_ids(session: Session, *, batch_id: int | None = None,
         return [int(i) for (i,) in session.execute(stmt)]
     found: list[int] = []
     for part in slices(list(serials)):
-        found += [int(i) for (i,) in session.execute(stmt.where(Meter.serial.in_(part)))]
+        found += [int(i) for (i,) in
+                  session.execute(stmt.where(among(session, Meter.serial, part)))]
     return found
 
 
@@ -148,7 +149,7 @@ def meter_rows(session: Session, ids: Sequence[int]) -> list[MeterRow]:
                   t.factory_certificate)
     out: list[Any] = []
     for part in _id_slices(ids):
-        out += session.execute(stmt.where(t.id.in_(part))).all()
+        out += session.execute(stmt.where(among(session, t.id, part))).all()
     return cast(list[MeterRow], sorted(out, key=lambda m: m.serial))
 
 
@@ -164,7 +165,7 @@ def key_rows_of(session: Session, meter_ids: Sequence[int],
     stmt = select(t.id, t.meter_id, t.key_id, t.version, t.state, *wrapped)
     out: dict[int, list[KeyRow]] = {int(i): [] for i in meter_ids}
     for part in _id_slices(meter_ids):
-        for key in session.execute(stmt.where(t.meter_id.in_(part)).order_by(
+        for key in session.execute(stmt.where(among(session, t.meter_id, part)).order_by(
                 t.meter_id, t.key_id, t.version)).all():
             out[key.meter_id].append(cast(KeyRow, key))
     return out
@@ -174,7 +175,7 @@ def meters_by_id(session: Session, ids: Sequence[int]) -> list[Meter]:
     """Return meters by id, ordered by serial."""
     out: list[Meter] = []
     for part in _id_slices(ids):
-        out += session.execute(select(Meter).where(Meter.id.in_(part))).scalars()
+        out += session.execute(select(Meter).where(among(session, Meter.id, part))).scalars()
     return sorted(out, key=lambda m: m.serial)
 
 
@@ -182,7 +183,7 @@ def key_versions_of(session: Session, meter_ids: Sequence[int]) -> dict[int, lis
     """Return the key versions of each meter, by key id then version."""
     out: dict[int, list[KeyVersion]] = {int(i): [] for i in meter_ids}
     for part in _id_slices(meter_ids):
-        stmt = select(KeyVersion).where(KeyVersion.meter_id.in_(part)).order_by(
+        stmt = select(KeyVersion).where(among(session, KeyVersion.meter_id, part)).order_by(
             KeyVersion.meter_id, KeyVersion.key_id, KeyVersion.version)
         for key in session.execute(stmt).scalars():
             out[key.meter_id].append(key)
@@ -243,7 +244,7 @@ def orders_by_id(session: Session, order_ids: Sequence[str],
     columns = _order_columns(key_data=False, challenge=challenge)
     for part in slices(list(order_ids)):
         for order in session.execute(select(*columns).where(
-                t.order_id.in_(part))).all():
+                among(session, t.order_id, part))).all():
             out[order.order_id] = cast(OrderRow, order)
     return out
 
@@ -254,7 +255,7 @@ def last_orders(session: Session, meter_ids: Sequence[int]) -> dict[int, list[Or
     out: dict[int, list[OrderRow]] = {}
     for part in _id_slices(meter_ids):
         latest = (select(t.c.meter_id, func.max(t.c.attempt).label("attempt"))
-                  .where(t.c.meter_id.in_(part)).group_by(t.c.meter_id).subquery())
+                  .where(among(session, t.c.meter_id, part)).group_by(t.c.meter_id).subquery())
         stmt = select(*_order_columns()).join(latest, (latest.c.meter_id == t.c.meter_id)
                                               & (latest.c.attempt == t.c.attempt))
         for order in session.execute(stmt.order_by(t.c.kind)).all():
@@ -270,7 +271,7 @@ def pending_orders(session: Session, meter_ids: Sequence[int] | None = None) -> 
                                                    ClaimOrder.order_id)).scalars())
     out: list[ClaimOrder] = []
     for part in _id_slices(meter_ids):
-        out += session.execute(stmt.where(ClaimOrder.meter_id.in_(part))).scalars()
+        out += session.execute(stmt.where(among(session, ClaimOrder.meter_id, part))).scalars()
     return sorted(out, key=lambda o: (o.created_at, o.order_id))
 
 
@@ -280,7 +281,7 @@ def supersede(session: Session, meter_ids: Sequence[int], at: datetime) -> int:
     done = 0
     for part in _id_slices(meter_ids):
         result = session.execute(update(ClaimOrder.__table__).where(
-            t.meter_id.in_(part), t.status == "pending").values(
+            among(session, t.meter_id, part), t.status == "pending").values(
             status="superseded", settled_at=at))
         done += int(getattr(result, "rowcount", 0) or 0)
     return done
@@ -301,7 +302,7 @@ def last_counters(session: Session, key_version_ids: Sequence[int]) -> dict[int,
     for part in _id_slices(key_version_ids):
         for kv, ic in session.execute(select(InvocationCounter.key_version_id,
                                              InvocationCounter.last_ic).where(
-                InvocationCounter.key_version_id.in_(part))):
+                among(session, InvocationCounter.key_version_id, part))):
             out[int(kv)] = int(ic)
     return out
 
@@ -358,7 +359,7 @@ def set_key_states(session: Session, changes: Sequence[tuple[int, str, datetime 
             values.update(blob=b"", mac=None, destroyed_at=at)
         for part in _id_slices(ids):  # Core, not ORM: no session objects to evaluate
             session.execute(update(KeyVersion.__table__).where(
-                KeyVersion.__table__.c.id.in_(part)).values(**values))
+                among(session, KeyVersion.__table__.c.id, part)).values(**values))
 
 
 def set_key_state(session: Session, key_version_id: int, state: str, at: datetime,
@@ -380,7 +381,7 @@ def set_meter_state(session: Session, meter_ids: Sequence[int], state: str, at: 
     if access_ended:
         values["manufacturer_access_ended_at"] = at
     for part in _id_slices(meter_ids):
-        session.execute(update(Meter.__table__).where(Meter.__table__.c.id.in_(part))
+        session.execute(update(Meter.__table__).where(among(session, Meter.__table__.c.id, part))
                         .values(**values))
 
 
@@ -389,7 +390,7 @@ def count_by_state(session: Session, meter_ids: Sequence[int]) -> dict[str, int]
     out: dict[str, int] = {}
     for part in _id_slices(meter_ids):
         for state, n in session.execute(select(Meter.state, func.count()).where(
-                Meter.id.in_(part)).group_by(Meter.state)):
+                among(session, Meter.id, part)).group_by(Meter.state)):
             out[str(state)] = out.get(str(state), 0) + int(n)
     return out
 
@@ -409,7 +410,8 @@ def certificate_orders_of(session: Session,
     """Return each meter's certificate orders, oldest first."""
     out: dict[int, list[CertificateOrder]] = {}
     for part in _id_slices(meter_ids):
-        stmt = select(CertificateOrder).where(CertificateOrder.meter_id.in_(part)).order_by(
+        stmt = select(CertificateOrder).where(
+            among(session, CertificateOrder.meter_id, part)).order_by(
             CertificateOrder.created_at, CertificateOrder.order_id)
         for order in session.execute(stmt).scalars():
             out.setdefault(order.meter_id, []).append(order)
@@ -420,4 +422,5 @@ def deliver_certificate_orders(session: Session, order_ids: Sequence[str], at: d
     """Mark certificate orders delivered (the HES took them)."""
     for part in slices(list(order_ids)):
         session.execute(update(CertificateOrder).where(
-            CertificateOrder.order_id.in_(part)).values(status="delivered", delivered_at=at))
+            among(session, CertificateOrder.order_id, part)).values(status="delivered",
+                                                                     delivered_at=at))

@@ -27,7 +27,7 @@ from sqlmodel import Field, Session, SQLModel
 
 from lifecycle.clock import utcnow
 from lifecycle.errors import InventoryError
-from lifecycle.inventory.db import bulk_insert, slices
+from lifecycle.inventory.db import among, bulk_insert, slices
 
 
 class MeterState(StrEnum):
@@ -100,11 +100,11 @@ def existing_meters(session: Session, serials: Sequence[str], titles: Sequence[s
     cols = (Meter.serial, Meter.system_title, Meter.batch_id, Meter.source_row)
     for part in slices(list(serials)):
         for serial, _title, batch, row in session.execute(
-                select(*cols).where(Meter.serial.in_(part))):
+                select(*cols).where(among(session, Meter.serial, part))):
             by_serial[serial] = (batch, row)
     for part in slices(list(titles)):
         for _serial, title, batch, row in session.execute(
-                select(*cols).where(Meter.system_title.in_(part))):
+                select(*cols).where(among(session, Meter.system_title, part))):
             by_title[title] = (batch, row)
     return by_serial, by_title
 
@@ -232,6 +232,7 @@ def digest_holders(session: Session, digests: Sequence[str]) -> dict[str, tuple[
     stmt = select(KeyVersion.source_digest, Meter.batch_id, Meter.source_row).join(
         Meter, Meter.id == KeyVersion.meter_id)
     for part in slices(list(dict.fromkeys(digests))):
-        for digest, batch, row in session.execute(stmt.where(KeyVersion.source_digest.in_(part))):
+        for digest, batch, row in session.execute(
+                stmt.where(among(session, KeyVersion.source_digest, part))):
             found.setdefault(str(digest), (int(batch), int(row)))
     return found
