@@ -30,7 +30,7 @@ from sqlalchemy import (
     literal,
     text,
 )
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session
 
 from lifecycle.errors import InventoryError
@@ -183,7 +183,9 @@ def bulk_insert(conn: Any, table: Any, rows: list[dict[str, Any]]) -> None:
 
     On SQLite the rows go straight to the driver's ``executemany``, values converted as
     SQLAlchemy would store them (UTC datetimes in its text format): per-row parameter
-    processing cost more than the insert itself. Elsewhere SQLAlchemy's executemany is used.
+    processing cost more than the insert itself. On PostgreSQL they go through ``COPY ... FROM
+    STDIN`` in the caller's transaction (``_copy``). Elsewhere SQLAlchemy's executemany is used.
+    Columns a row leaves out take the table's server default, as with a plain INSERT.
     """
     if not rows:
         return
@@ -191,6 +193,9 @@ def bulk_insert(conn: Any, table: Any, rows: list[dict[str, Any]]) -> None:
     unknown = set(names) - set(table.c.keys())
     if unknown:
         raise InventoryError(f"{table.name} has no columns {sorted(unknown)}")
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+        _copy(conn, table, names, rows)
+        return
     if conn.dialect.name != "sqlite":
         conn.execute(insert(table), rows)
         return
@@ -203,6 +208,30 @@ def bulk_insert(conn: Any, table: Any, rows: list[dict[str, Any]]) -> None:
         values = [row[name] for row in rows]
         columns.append([convert(v) for v in values] if convert else values)
     conn.exec_driver_sql(sql, list(zip(*columns, strict=True)))
+
+
+def _copy(conn: Any, table: Any, names: list[str], rows: list[dict[str, Any]]) -> None:
+    # COPY instead of INSERT: psycopg sends the rows as one stream and PostgreSQL parses no
+    # statement per batch of values (a claim's inserts took half the database's time as
+    # INSERT ... VALUES). Values are bound as SQLAlchemy would bind them (the columns' own bind
+    # processors, for this dialect). The error a row raises is re-raised as SQLAlchemy's
+    # (IntegrityError for a duplicate, and so on), as ``conn.execute`` would.
+    import psycopg
+
+    processors = [table.c[name].type.bind_processor(conn.dialect) for name in names]
+    # Identifiers are the table's own column names (checked by the caller); values are streamed.
+    sql = f"COPY {table.name} ({', '.join(names)}) FROM STDIN"
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        with cursor.copy(sql) as copy:
+            for row in rows:
+                copy.write_row([convert(row[name]) if convert and row[name] is not None
+                                else row[name]
+                                for name, convert in zip(names, processors, strict=True)])
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
+    finally:
+        cursor.close()
 
 
 def _sqlite_converter(kind: Any) -> Any:
