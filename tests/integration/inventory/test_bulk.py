@@ -40,11 +40,15 @@ def _meters(batch_id: int, count: int, start: int = 0) -> tuple[list[dict], list
     return rows, keys
 
 
-def test_bulk_rows_read_back_as_written(engine) -> None:  # type: ignore[no-untyped-def]
-    batch_id = _batch(engine)
-    rows, keys = _meters(batch_id, 3)
+def _loaded(engine, count: int) -> tuple[list[int], list[list[dict]]]:  # type: ignore[no-untyped-def, type-arg]
+    """A batch of ``count`` meters stored with their keys: their ids, and the key rows."""
+    rows, keys = _meters(_batch(engine), count)
     with db.transaction(engine) as session:
-        ids = meters.insert_meters(session, rows, keys)
+        return meters.insert_meters(session, rows, keys), keys
+
+
+def test_bulk_rows_read_back_as_written(engine) -> None:  # type: ignore[no-untyped-def]
+    ids, keys = _loaded(engine, 3)
     with db.transaction(engine) as session:
         stored = meters.key_versions(session, ids[2])
         meter = session.get(Meter, ids[2])
@@ -70,10 +74,7 @@ def test_a_refused_bulk_row_keeps_none_of_its_transaction(engine) -> None:  # ty
 
 
 def test_a_slice_is_read_alike_as_a_list_or_an_array(engine) -> None:  # type: ignore[no-untyped-def]
-    batch_id = _batch(engine)
-    rows, keys = _meters(batch_id, 5)
-    with db.transaction(engine) as session:
-        ids = meters.insert_meters(session, rows, keys)
+    ids, keys = _loaded(engine, 5)
     with db.transaction(engine) as session:
         by_id = select(Meter.serial).where(db.among(session, Meter.id, [ids[1], ids[3], -1]))
         by_digest = select(KeyVersion.meter_id).where(db.among(
