@@ -131,8 +131,11 @@ def among(session: Session, column: Any, values: Sequence[Any]) -> Any:
 # A table's statistics are refreshed once this many rows of it changed since the last
 # ANALYZE, plus this share of its rows (PostgreSQL's autovacuum: 50 rows and 10%, once a
 # minute at most, too late for a bulk run that fills a new inventory within that minute).
+# The planner scales a table's row count by its current size, so statistics taken once the
+# table holds real rows stay good while it grows: refreshed each time it doubles, a table
+# filled to 100,000 rows is analyzed at most seven times, each ANALYZE 50-100 ms.
 STATS_MIN_CHANGES = 1000
-STATS_SHARE = 0.2
+STATS_SHARE = 1.0
 
 
 def refresh_statistics(engine: Engine) -> list[str]:
