@@ -7,9 +7,9 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import exc, select, text
+from sqlalchemy import event, exc, select, text
 
-from lifecycle.inventory import db, meters
+from lifecycle.inventory import claims, db, meters
 from lifecycle.inventory.meters import KeyVersion, Meter
 from tests.conftest import pg_schema
 
@@ -84,6 +84,39 @@ def test_a_slice_is_read_alike_as_a_list_or_an_array(engine) -> None:  # type: i
         sql = str(by_id.compile(dialect=engine.dialect))
     # PostgreSQL gets one array parameter, SQLite a list of values.
     assert ("= ANY" in sql) == db.is_postgres(engine)
+
+
+def test_outcomes_settle_pending_orders_only_the_first_for_an_order(engine) -> None:  # type: ignore[no-untyped-def]
+    ids, _ = _loaded(engine, 2)
+    with db.transaction(engine) as session:
+        claims.add_orders(session, [
+            {"order_id": f"CO-{n}", "meter_id": ids[n % 2], "attempt": 1, "kind": "master",
+             "key_data": b"kd", "challenge": b"ch", "status": status, "created_at": AT}
+            for n, status in enumerate(("pending", "pending", "superseded", "pending"))])
+    later = AT + timedelta(minutes=5)
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda *args: statements.append(args[2]) if "UPDATE" in args[2] else None)
+    with db.transaction(engine) as session:
+        claims.settle_orders(session, [
+            {"order_id": "CO-0", "hes_status": "OK", "verdict": "confirm", "detail": "{}"},
+            {"order_id": "CO-1", "hes_status": None, "verdict": "unproven", "detail": "a"},
+            {"order_id": "CO-0", "hes_status": "NOT_OK", "verdict": "factory", "detail": "b"},
+            {"order_id": "CO-2", "hes_status": "OK", "verdict": "confirm", "detail": "c"},
+            {"order_id": "CO-9", "hes_status": "OK", "verdict": "confirm", "detail": "d"}],
+            later)
+        t = claims.ClaimOrder.__table__.c
+        found = {o.order_id: (o.status, o.hes_status, o.verdict, o.detail, o.settled_at and
+                              o.settled_at.replace(tzinfo=UTC))
+                 for o in session.execute(select(t.order_id, t.status, t.hes_status, t.verdict,
+                                                 t.detail, t.settled_at))}
+    assert found == {"CO-0": ("answered", "OK", "confirm", "{}", later),
+                     "CO-1": ("answered", None, "unproven", "a", later),
+                     "CO-2": ("superseded", None, None, None, None),  # not pending: kept
+                     "CO-3": ("pending", None, None, None, None)}
+    # PostgreSQL gets one statement over arrays for all the outcomes, not one a row.
+    assert len(statements) == 1
+    assert ("unnest(" in statements[0]) == db.is_postgres(engine)
 
 
 def test_sqlite_statistics_are_left_alone(tmp_path) -> None:  # type: ignore[no-untyped-def]
