@@ -7,6 +7,9 @@ from pathlib import Path
 
 from lifecycle.config import load_settings, private_umask
 
+EPHEMERAL_STARTUP_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+EPHEMERAL_STARTUP_SECONDS = 180
+
 
 def configure() -> None:
     """Keep Prefect's home (database, logs) under METERKEYS_HOME unless set otherwise.
@@ -23,3 +26,7 @@ def configure() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # A command that runs a flow starts Prefect's ephemeral server, and a fresh Prefect home
+    # first creates its database: about 30 s on a slow 2-core machine, where Prefect's own wait
+    # of 20 s made the demo's first import fail on a fresh clone.
+    os.environ.setdefault(EPHEMERAL_STARTUP_ENV, str(EPHEMERAL_STARTUP_SECONDS))
