@@ -10,11 +10,19 @@ of the work.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import secrets
 from collections.abc import Iterator
 
 import psutil
+
+
+def add_database_option(parser: argparse.ArgumentParser) -> None:
+    """``--database-url``, as every benchmark on the inventory takes it."""
+    parser.add_argument("--database-url", default=None,
+                        help="run on PostgreSQL: postgresql://USER@HOST:PORT/DB (the run gets "
+                             "a schema of its own there, dropped at the end; default: SQLite)")
 
 
 @contextlib.contextmanager

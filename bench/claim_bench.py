@@ -278,17 +278,16 @@ def _cpu_of(processes: list[psutil.Process]) -> float:
 
 
 def main() -> None:
+    import bench_db
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meters", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ceiling-meters", type=int, default=2000,
                         help="meters per process for the ceiling loops")
     parser.add_argument("--home", type=Path, default=None, help="state dir (default: temp)")
-    parser.add_argument("--database-url", default=None,
-                        help="run on PostgreSQL: postgresql://USER@HOST:PORT/DB (the run gets "
-                             "a schema of its own there, dropped at the end; default: SQLite)")
+    bench_db.add_database_option(parser)
     args = parser.parse_args()
-    import bench_db
 
     with bench_db.inventory_url(args.database_url) as url:
         run(args, url)

@@ -202,19 +202,17 @@ class RssSampler:
 
 
 def main() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_db
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meters", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--ceiling-meters", type=int, default=20_000,
                         help="meters per process for the ceiling loops")
     parser.add_argument("--home", type=Path, default=None, help="state dir (default: temp)")
-    parser.add_argument("--database-url", default=None,
-                        help="run on PostgreSQL: postgresql://USER@HOST:PORT/DB (the run gets "
-                             "a schema of its own there, dropped at the end; default: SQLite)")
+    bench_db.add_database_option(parser)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "bench"))
-    import bench_db
-
     with bench_db.inventory_url(args.database_url) as url:
         run(args, url)
 

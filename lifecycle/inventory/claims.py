@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlmodel import Field, Session, SQLModel
 
 from lifecycle.clock import utcnow
-from lifecycle.inventory.db import among, bulk_insert, slices
+from lifecycle.inventory.db import among, bulk_insert, is_postgres, slices
 from lifecycle.inventory.meters import KeyState, KeyVersion, Meter
 from lifecycle.inventory.vendors import Vendor
 
@@ -337,7 +337,7 @@ def settle_orders(session: Session, rows: Sequence[dict[str, Any]], at: datetime
     on the orders still pending, in one statement."""
     if not rows:
         return
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgres(session.get_bind()):
         _settle_orders_pg(session, rows, at)
         return
     stmt = (update(ClaimOrder.__table__)

@@ -19,6 +19,7 @@ from alembic.config import Config
 from sqlalchemy import (
     ARRAY,
     Boolean,
+    Connection,
     DateTime,
     Engine,
     String,
@@ -93,8 +94,8 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
-def is_postgres(engine: Engine) -> bool:
-    return engine.dialect.name == "postgresql"
+def is_postgres(bind: Engine | Connection) -> bool:
+    return bind.dialect.name == "postgresql"
 
 
 
@@ -123,7 +124,7 @@ def among(session: Session, column: Any, values: Sequence[Any]) -> Any:
     value plans once and is matched through a hash table or an index. SQLite keeps the list
     (it has no arrays; ``slices`` keeps it under its 999 variables).
     """
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgres(session.get_bind()):
         return column == any_(literal(list(values), ARRAY(column.type)))
     return column.in_(values)
 
