@@ -324,9 +324,12 @@ def put_counters(session: Session, counters: dict[int, int], at: datetime) -> No
     if not counters:
         return
     known = set(last_counters(session, list(counters)))
-    for kv in known:
-        session.execute(update(InvocationCounter).where(
-            InvocationCounter.key_version_id == kv).values(last_ic=counters[kv], updated_at=at))
+    if known:  # one statement over all of them (executemany), not one a counter
+        t = InvocationCounter.__table__.c
+        session.connection().execute(
+            update(InvocationCounter.__table__).where(t.key_version_id == bindparam("kv"))
+            .values(last_ic=bindparam("ic"), updated_at=at),
+            [{"kv": kv, "ic": counters[kv]} for kv in sorted(known)])
     bulk_insert(session.connection(), InvocationCounter.__table__, [
         {"key_version_id": kv, "last_ic": ic, "updated_at": at}
         for kv, ic in counters.items() if kv not in known])
@@ -418,9 +421,8 @@ def count_by_state(session: Session, meter_ids: Sequence[int]) -> dict[str, int]
     return out
 
 
-def _id_slices(ids: Sequence[int], size: int = 900) -> list[list[int]]:
-    values = [int(i) for i in ids]
-    return [values[i:i + size] for i in range(0, len(values), size)]
+def _id_slices(ids: Sequence[int]) -> list[list[int]]:
+    return list(slices([int(i) for i in ids]))
 
 
 def add_certificate_orders(session: Session, rows: list[dict[str, Any]]) -> None:

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -37,6 +37,8 @@ from sqlmodel import Session
 from lifecycle.errors import InventoryError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+T = TypeVar("T")
+
 # Alembic runs a migration through module-global proxies (``alembic.context``, ``alembic.op``):
 # two threads migrating at once (a command's progress watcher and its flow's tasks) break each
 # other, so a process migrates one engine at a time.
@@ -173,7 +175,8 @@ def refresh_statistics(engine: Engine) -> list[str]:
     return done
 
 
-def slices(items: list[str], size: int = 900) -> Iterator[list[str]]:
+def slices(items: list[T], size: int = 900) -> Iterator[list[T]]:
+    """``items`` in lists of ``size``: a bulk step's values, under SQLite's 999 variables."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
