@@ -156,7 +156,7 @@ def test_postgresql_statistics_follow_a_bulk_load() -> None:
         engine.dispose()
 
 
-def test_counters_known_and_new_are_put_in_one_statement_each(engine) -> None:  # type: ignore[no-untyped-def]
+def test_known_counters_are_updated_in_one_statement(engine) -> None:  # type: ignore[no-untyped-def]
     ids, _ = _loaded(engine, 2)
     with db.transaction(engine) as session:
         versions = [int(v) for v in session.execute(
@@ -169,8 +169,8 @@ def test_counters_known_and_new_are_put_in_one_statement_each(engine) -> None:  
                  lambda *args: statements.append(args[2]) if "invocation_counter" in args[2]
                  and not args[2].startswith("SELECT") else None)
     with db.transaction(engine) as session:
-        # Three known (one of them set back down is the caller's to refuse, not this call's),
-        # two new.
+        # Three known, two new. (The caller checked each is above the last: this call
+        # writes what it is given, the equal one included.)
         claims.put_counters(session, {versions[0]: 6, versions[1]: 70, versions[2]: 9,
                                       versions[3]: 1, versions[4]: 2}, later)
         stored = {kv: (ic, at.replace(tzinfo=UTC)) for kv, ic, at in session.execute(select(
