@@ -1,4 +1,9 @@
-"""The inventory database a benchmark runs on: SQLite in its home, or a fresh PostgreSQL schema.
+"""What a benchmark runs on: a home of its own, and an inventory (SQLite in that home, or a fresh
+PostgreSQL schema).
+
+``home_dir`` gives a run a temporary home, removed when the run ends, unless ``--home`` names one
+to keep: a benchmark's home holds a SoftHSM2 token, its PIN files and a whole inventory, which
+would otherwise pile up in the temporary directory run after run.
 
 ``--database-url postgresql://USER@HOST:5432/DB`` runs a benchmark on PostgreSQL, as a DSO at
 scale would: the run gets a schema of its own in that database (``bench_`` and 12 hex digits),
@@ -13,9 +18,32 @@ from __future__ import annotations
 import argparse
 import contextlib
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
+
+
+@contextlib.contextmanager
+def home_dir(given: Path | None, prefix: str) -> Iterator[Path]:
+    """Yield ``given`` (kept), or a new private temporary directory removed at the end."""
+    if given is not None:
+        given.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as the home must be
+        yield given
+        return
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def add_home_option(parser: argparse.ArgumentParser) -> None:
+    """``--home``, as every benchmark that can keep its state takes it."""
+    parser.add_argument("--home", type=Path, default=None,
+                        help="state dir, kept (default: a temporary one, removed at the end)")
 
 
 def add_database_option(parser: argparse.ArgumentParser) -> None:

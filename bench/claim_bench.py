@@ -42,7 +42,6 @@ import multiprocessing
 import os
 import resource
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -285,19 +284,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ceiling-meters", type=int, default=2000,
                         help="meters per process for the ceiling loops")
-    parser.add_argument("--home", type=Path, default=None, help="state dir (default: temp)")
+    bench_db.add_home_option(parser)
     bench_db.add_database_option(parser)
     args = parser.parse_args()
 
-    with bench_db.inventory_url(args.database_url) as url:
-        run(args, url)
+    with bench_db.home_dir(args.home, "meterkeys-claim-bench-") as home, \
+            bench_db.inventory_url(args.database_url) as url:
+        run(args, url, home)
 
 
-def run(args: argparse.Namespace, database_url: str | None) -> None:
-    """The benchmark on the inventory at ``database_url`` (``None``: SQLite in the home)."""
+def run(args: argparse.Namespace, database_url: str | None, home: Path) -> None:
+    """The benchmark in ``home`` on the inventory at ``database_url`` (``None``: SQLite in the
+    home)."""
 
     os.umask(0o077)
-    home = args.home or Path(tempfile.mkdtemp(prefix="meterkeys-claim-bench-"))
     os.environ["METERKEYS_HOME"] = str(home)
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

@@ -21,7 +21,6 @@ import os
 import resource
 import secrets
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -210,16 +209,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--ceiling-meters", type=int, default=20_000,
                         help="meters per process for the ceiling loops")
-    parser.add_argument("--home", type=Path, default=None, help="state dir (default: temp)")
+    bench_db.add_home_option(parser)
     bench_db.add_database_option(parser)
     args = parser.parse_args()
-    with bench_db.inventory_url(args.database_url) as url:
-        run(args, url)
+    with bench_db.home_dir(args.home, "meterkeys-bench-") as home, \
+            bench_db.inventory_url(args.database_url) as url:
+        run(args, url, home)
 
 
-def run(args: argparse.Namespace, database_url: str | None) -> None:
-    """The benchmark on the inventory at ``database_url`` (``None``: SQLite in the home)."""
-    home = args.home or Path(tempfile.mkdtemp(prefix="meterkeys-bench-"))
+def run(args: argparse.Namespace, database_url: str | None, home: Path) -> None:
+    """The benchmark in ``home`` on the inventory at ``database_url`` (``None``: SQLite in the
+    home)."""
     os.environ["METERKEYS_HOME"] = str(home)
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     os.umask(0o077)
-    home = Path(tempfile.mkdtemp(prefix="pki-bench-")) / "home"
+    import bench_db
+
+    with bench_db.home_dir(None, "pki-bench-") as root:
+        run(args, root / "home")
+
+
+def run(args: argparse.Namespace, home: Path) -> None:
+    """Issue ``args.certs`` certificates in a fresh installation at ``home``."""
     os.environ["METERKEYS_HOME"] = str(home)
     os.environ.pop("METERKEYS_PIN", None)
     os.environ.pop("METERKEYS_DATABASE_URL", None)

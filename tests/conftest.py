@@ -3,8 +3,10 @@ PostgreSQL (when reachable), one Prefect test server for the flow tests."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -14,6 +16,11 @@ import pytest
 
 # Before anything imports prefect: keep its home, logs and results inside the test session.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="meterkeys-test-"))
+# The session's directory holds a token, its PIN files, principals' keys and inventories: it
+# goes when the session's process ends (each xdist worker has its own), unless
+# METERKEYS_TEST_KEEP_DIR is set to look into it afterwards.
+if not os.environ.get("METERKEYS_TEST_KEEP_DIR"):
+    atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
