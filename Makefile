@@ -17,7 +17,7 @@ lint: setup
 	$(VENV)/bin/mypy lifecycle tasks flows deployments simulator cli hes_adapters bench
 
 test: lint
-	$(PY) -m pytest -q -ra --durations=15 -n auto --maxprocesses 4 --dist loadfile tests
+	$(PY) -m pytest -q -ra --durations=15 -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder tests
 
 serve: setup
 	$(VENV)/bin/meterkeys serve

@@ -207,16 +207,26 @@ class Fleet:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the leak scans first. They read Prefect's whole database, file by file and row by
-    row, for every form of every simulated key; run last, that database holds every earlier
-    test's flow runs too, and the scans took 100 s each for nothing more to find. The factory
-    import's scan comes first, the claim's (ceremony, claim, approval) right after it."""
+    """Order the test files: the leak scans, then the files with a test marked ``slow``, then
+    the rest as collected. ``make test`` runs a file at a time on each process in this order
+    (pytest-xdist ``--dist loadfile --no-loadscope-reorder``).
+
+    The leak scans read Prefect's whole database, file by file and row by row, for every form
+    of every simulated key; run late, that database holds every earlier test's flow runs too,
+    and the scans took 100 s each for nothing more to find. The factory import's scan comes
+    first, the claim's (ceremony, claim, approval) right after it. The slow files (a minute or
+    more each: the kill tests, the malformed batches...) start next, so that the short files
+    fill the processes' last minutes: started last, as xdist's own order (most tests first)
+    left them, one process ran both kill tests alone for 200 s while the other had finished."""
     leak_scans = ("integration/secrets/test_no_secrets.py",
                   "integration/secrets/test_claim_secrets.py")
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
 
     def rank(item: pytest.Item) -> int:
         path = item.path.as_posix()
-        return next((i for i, name in enumerate(leak_scans) if path.endswith(name)),
-                    len(leak_scans) if "integration/secrets/" in path else len(leak_scans) + 1)
+        scan = next((i for i, name in enumerate(leak_scans) if path.endswith(name)), None)
+        if scan is not None:
+            return scan
+        return len(leak_scans) + (0 if item.path in slow else 1)
 
     items.sort(key=rank)

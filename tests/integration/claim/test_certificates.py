@@ -25,7 +25,7 @@ from simulator.hes import SimulatedHes
 
 from .conftest import officers
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 
 
 def suites_of(engine) -> dict[str, int]:  # type: ignore[no-untyped-def]

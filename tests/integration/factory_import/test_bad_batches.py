@@ -35,7 +35,7 @@ from simulator.manufacturer import (
     wrap_transport_key,
 )
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 
 COUNT = 30  # meters per generated batch; suites round robin 0, 1, 2 (row 1 S0, row 2 S1, ...)
 

@@ -44,7 +44,7 @@ from tests.integration.factory_import.test_bad_batches import (
 )
 from tests.unit.factory_import.test_manifest import independent_canonical
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 HOME = Path(os.environ["METERKEYS_HOME"])
 
 

@@ -32,6 +32,7 @@ from lifecycle.installation.steps import backup, ensure_kek_check, restore
 from lifecycle.inventory.db import Engine, make_engine, migrate, transaction
 from lifecycle.inventory.kek_checks import get_kek_check
 
+pytestmark = pytest.mark.slow
 SPAWN = multiprocessing.get_context("spawn")
 OFFICER = Actor("test-officer", "security-officer")
 # SoftHSM2 object files: attribute type (8 bytes BE), kind 1 = boolean (8 bytes BE), one byte.
