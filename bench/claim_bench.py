@@ -26,11 +26,14 @@ claim_seconds; a chunk's certificates are issued while the next chunks are claim
 certification is not timed apart: ``bench/pki_bench.py`` measures the issuing rate alone),
 hsm_ceiling_meters_per_s (1 process), hsm_ceiling_workers_meters_per_s (N): each the higher
 of two measurements, before and after the claim (``hsm_ceilings_before_after``: 1 and N
-processes before, then after), ratio (meters_per_s / N-process ceiling). Then where the
-processor time went: ``cpu_ms_per_meter`` (the flow's process less the simulation, the HSM
-workers, the Prefect server), ``claim_cpu_ms_per_meter`` (their sum), ``hsm_cpu_ms_per_meter``
-(the HSM loop's, the least of its runs) and ``cpu_ratio`` (the second over the first: what the
-ratio could reach if the claim had the cores to itself and kept them busy).
+processes before, then after), ratio (meters_per_s / N-process ceiling), ceiling_scaling and
+ceiling_steady (for the measurement the N-process ceiling is from: how it compares with N
+times the 1-process one, and whether that is what free cores give: ``bench/ceiling.py``; a
+warning says when not). Then where the processor time went: ``cpu_ms_per_meter`` (the flow's
+process less the simulation, the HSM workers, the Prefect server), ``claim_cpu_ms_per_meter``
+(their sum), ``hsm_cpu_ms_per_meter`` (the HSM loop's, the least of its runs) and ``cpu_ratio``
+(the second over the first: what the ratio could reach if the claim had the cores to itself and
+kept them busy).
 """
 
 from __future__ import annotations
@@ -340,6 +343,10 @@ def run(args: argparse.Namespace, database_url: str | None, home: Path) -> None:
     # two is the ceiling (the lower ratio).
     after = ceilings("after")
     one, many = max(before[0], after[0]), max(before[1], after[1])
+    import ceiling as check
+
+    scaled = before if before[1] >= after[1] else after  # the measurement the ceiling is from
+    steady = check.steady(*scaled, args.workers)
     claimed = len(summary["claimed"]) + len(summary["recovered"])
     if claimed != args.meters:
         raise SystemExit(f"claimed {claimed} of {args.meters}: {summary['failed']}")
@@ -375,6 +382,8 @@ def run(args: argparse.Namespace, database_url: str | None, home: Path) -> None:
         "cpu_ratio": round(hsm_cpu / claim_cpu, 3),
         "ratio": round(rate / many, 3),
         "speedup_vs_one_process_ceiling": round(rate / one, 3),
+        "ceiling_scaling": round(check.scaling(*scaled, args.workers), 3),
+        "ceiling_steady": steady,
         "database": "postgresql" if database_url else "sqlite"}))
 
 

@@ -8,8 +8,10 @@ of the blob, four keys a meter, through the HSM layer with no pool, database or 
 process and in N spawned processes, then import the batch through the factory-import flow with
 N HSM workers. The last line printed is JSON: meters, seconds, meters_per_s, workers,
 hsm_ceiling_meters_per_s (one process), hsm_ceiling_workers_meters_per_s (N processes), ratio
-(import / N-process ceiling), peak_rss_mb (largest resident set of the flow process and of
-each HSM worker, sampled; the Prefect server is not counted).
+(import / N-process ceiling), ceiling_scaling and ceiling_steady (how the N-process ceiling
+compares with N times the 1-process one, and whether that is what free cores give:
+``bench/ceiling.py``; a warning says when not), peak_rss_mb (largest resident set of the flow
+process and of each HSM worker, sampled; the Prefect server is not counted).
 """
 
 from __future__ import annotations
@@ -238,6 +240,9 @@ def run(args: argparse.Namespace, database_url: str | None, home: Path) -> None:
     print(f"generated {args.meters} meters in {ctx['generated_s']:.1f} s; HSM ceiling "
           f"{one:,.0f} meters/s (1 process), {many:,.0f} meters/s ({args.workers} processes)",
           file=sys.stderr)
+    import ceiling as check
+
+    steady = check.steady(one, many, args.workers)
 
     from prefect.testing.utilities import prefect_test_harness
 
@@ -252,6 +257,8 @@ def run(args: argparse.Namespace, database_url: str | None, home: Path) -> None:
         "workers": args.workers, "hsm_ceiling_meters_per_s": round(one, 1),
         "hsm_ceiling_workers_meters_per_s": round(many, 1), "ratio": round(rate / many, 3),
         "speedup_vs_one_process_ceiling": round(rate / one, 3),
+        "ceiling_scaling": round(check.scaling(one, many, args.workers), 3),
+        "ceiling_steady": steady,
         "peak_rss_mb": round(max(rss.flow_mb, rss.worker_mb), 1),
         "peak_rss_flow_mb": round(rss.flow_mb, 1), "peak_rss_worker_mb": round(rss.worker_mb, 1),
         "generate_s": round(ctx["generated_s"], 1),
