@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,6 +121,29 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+_PREFECT_HEARTBEATS: dict[str, Any] = {}  # Prefect's own heartbeat_seconds, once looked up
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Flow runs in the tests send no heartbeat, unless a test is marked ``prefect_heartbeats``.
+
+    Prefect (3.9) sends a flow run's heartbeats from a thread that sleeps in one-second steps
+    and is joined when the run ends, so every flow run lasted at least about 1.1 s, one of
+    0.1 s included. The tests run hundreds of flows in-process, and nothing in meterkeys
+    reads heartbeats (they let a Prefect automation notice a crashed run). The leak scans
+    keep them: they look for keys in everything Prefect stores, heartbeat events included.
+    Set before the test's fixtures run, so that the flows they run are covered too."""
+    if "prefect_server" not in getattr(item, "fixturenames", ()):
+        return
+    from prefect.flow_engine import FlowRunEngine
+
+    own = _PREFECT_HEARTBEATS.setdefault(
+        "heartbeat_seconds", inspect.getattr_static(FlowRunEngine, "heartbeat_seconds"))
+    on = item.get_closest_marker("prefect_heartbeats") is not None
+    FlowRunEngine.heartbeat_seconds = own if on else property(lambda _engine: None)  # type: ignore[method-assign, assignment]
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,7 @@ from tests.integration.secrets.test_no_secrets import (
 
 # SQLite only: the PostgreSQL side of the scan (pg_dump of the schema) is proven by
 # test_no_secrets, and the module must stay within its time budget.
-pytestmark = [pytest.mark.usefixtures("prefect_server"),
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.prefect_heartbeats,
               pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
 
 MODES = ("fail", "silent", "lie_ok", "lie_nak", "partial:2")

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from simulator.manufacturer import read_meter_secrets
 from tests import secret_scan
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.prefect_heartbeats]
 
 
 # --- where things are ------------------------------------------------------------------------
