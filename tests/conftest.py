@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import inspect
 import os
 import shutil
@@ -123,7 +124,12 @@ def prefect_server() -> Iterator[None]:
         yield
 
 
-_PREFECT_HEARTBEATS: dict[str, Any] = {}  # Prefect's own heartbeat_seconds, once looked up
+@functools.cache
+def _prefect_heartbeat_seconds() -> Any:
+    """Prefect's own ``FlowRunEngine.heartbeat_seconds`` (looked up before any test sets it)."""
+    from prefect.flow_engine import FlowRunEngine
+
+    return inspect.getattr_static(FlowRunEngine, "heartbeat_seconds")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -140,8 +146,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         return
     from prefect.flow_engine import FlowRunEngine
 
-    own = _PREFECT_HEARTBEATS.setdefault(
-        "heartbeat_seconds", inspect.getattr_static(FlowRunEngine, "heartbeat_seconds"))
+    own = _prefect_heartbeat_seconds()
     on = item.get_closest_marker("prefect_heartbeats") is not None
     FlowRunEngine.heartbeat_seconds = own if on else property(lambda _engine: None)  # type: ignore[method-assign, assignment]
 

@@ -4,11 +4,9 @@ the slow files, then the rest; and ``make test`` keeps that order across its pro
 from __future__ import annotations
 
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.subsession import ROOT, run_pytest
+
 LEAK_SCANS = ["tests/integration/secrets/test_no_secrets.py",
               "tests/integration/secrets/test_claim_secrets.py"]
 KILL_TESTS = {"tests/integration/claim/test_kill.py",
@@ -17,11 +15,8 @@ KILL_TESTS = {"tests/integration/claim/test_kill.py",
 
 def _collect(*args: str) -> list[str]:
     """The test ids pytest collects, in its order."""
-    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
-                           "-p", "no:cacheprovider", "-p", "no:xdist", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:]
-    return [line for line in done.stdout.splitlines() if "::" in line]
+    return [line for line in run_pytest("--collect-only", "-q", *args).splitlines()
+            if "::" in line]
 
 
 def _files(ids: list[str]) -> list[str]:

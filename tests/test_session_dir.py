@@ -4,13 +4,12 @@ principals' keys, inventories) is removed when the session's process ends."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.subsession import run_pytest
+
 ONE_TEST = "tests/unit/claim/test_rules.py::test_plan_keys_refuses_a_torn_inventory"
 
 
@@ -20,10 +19,7 @@ def _session(tmp_path: Path, keep: bool) -> list[str]:
     env["TMPDIR"] = str(tmp_path)
     if keep:
         env["METERKEYS_TEST_KEEP_DIR"] = "1"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-p", "no:xdist", ONE_TEST], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:]
+    run_pytest("-q", ONE_TEST, env=env)
     return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("meterkeys-test-"))
 
 
