@@ -6,12 +6,13 @@ while it is measured, the N processes scale worse, the N-process ceiling comes o
 ratio against it comes out high: on 2026-11-30 a claim measured 0.63 against a 2-process ceiling
 that ran 1.6 times the 1-process one, where the runs before and after measured 0.54 and 0.55.
 A benchmark reports the scaling of the measurement it took its ceiling from, warns below
-``STEADY``, and says in its JSON whether the ceiling was steady.
+``STEADY``, and says in its JSON whether the ceiling was steady (``fields``).
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 STEADY = 0.9  # the N-process ceiling at least 0.9 N times the 1-process one
 
@@ -31,3 +32,10 @@ def steady(one: float, many: float, processes: int) -> bool:
               "a quiet machine.", file=sys.stderr)
         return False
     return True
+
+
+def fields(one: float, many: float, processes: int) -> dict[str, Any]:
+    """A benchmark's JSON fields on its ceiling: ``ceiling_scaling`` and ``ceiling_steady``
+    (warned about on stderr when not steady)."""
+    return {"ceiling_scaling": round(scaling(one, many, processes), 3),
+            "ceiling_steady": steady(one, many, processes)}

@@ -346,7 +346,7 @@ def run(args: argparse.Namespace, database_url: str | None, home: Path) -> None:
     import ceiling as check
 
     scaled = before if before[1] >= after[1] else after  # the measurement the ceiling is from
-    steady = check.steady(*scaled, args.workers)
+    ceiling_fields = check.fields(*scaled, args.workers)
     claimed = len(summary["claimed"]) + len(summary["recovered"])
     if claimed != args.meters:
         raise SystemExit(f"claimed {claimed} of {args.meters}: {summary['failed']}")
@@ -382,8 +382,7 @@ def run(args: argparse.Namespace, database_url: str | None, home: Path) -> None:
         "cpu_ratio": round(hsm_cpu / claim_cpu, 3),
         "ratio": round(rate / many, 3),
         "speedup_vs_one_process_ceiling": round(rate / one, 3),
-        "ceiling_scaling": round(check.scaling(*scaled, args.workers), 3),
-        "ceiling_steady": steady,
+        **ceiling_fields,
         "database": "postgresql" if database_url else "sqlite"}))
 
 

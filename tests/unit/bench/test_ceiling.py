@@ -29,3 +29,10 @@ def test_a_ceiling_that_did_not_scale_is_not_steady(one: float, many: float, ste
 def test_one_process_is_always_steady() -> None:
     assert ceiling.scaling(500.0, 500.0, 1) == 1.0
     assert ceiling.steady(500.0, 100.0, 1)
+
+
+def test_the_json_fields_carry_the_scaling_and_the_verdict(capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    assert ceiling.fields(479.0, 762.0, 2) == {"ceiling_scaling": 0.795, "ceiling_steady": False}
+    assert "warning" in capsys.readouterr().err
+    assert ceiling.fields(496.0, 1012.0, 2) == {"ceiling_scaling": 1.02, "ceiling_steady": True}
